@@ -1,0 +1,66 @@
+"""The command line reads well: every option is explained with an example; usage errors are one
+line and exit 2."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from autocomp import cli
+
+
+def _all_parsers(parser: argparse.ArgumentParser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+PARSERS = list(_all_parsers(cli.build_parser()))
+
+
+@pytest.mark.parametrize(
+    ("path", "parser"), PARSERS, ids=[" ".join(p) or "autocomp" for p, _ in PARSERS]
+)
+def test_every_option_has_help_with_example(path, parser):
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        assert action.help, f"{' '.join(path)} {action.dest} has no help"
+        assert "example" in action.help.lower(), f"{' '.join(path)} {action.dest}: {action.help}"
+
+
+def test_commands_have_examples_in_help():
+    for path, parser in PARSERS:
+        if path == ("device",):
+            continue  # a group: its action 'serve' carries the example
+        assert "example" in parser.format_help().lower(), path
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        ([], "a command is required"),
+        (["frobnicate"], "invalid choice"),
+        (["search"], "the following arguments are required: --budget"),
+        (["measure", "--model", "m.onnx", "--threads", "0"], "must be positive"),
+        (["measure", "--model", "m.onnx", "--input-shape", "1,a"], "not like 1,3,224,224"),
+        (["device", "serve", "--port", "70000"], "above 65535"),
+        (["search", "--budget", "5ms", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, phrase, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("autocomp: error: ")
+    assert phrase in err
+
+
+def test_help_runs_as_a_program():
+    proc = subprocess.run(
+        [sys.executable, "-m", "autocomp.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "autocomp search --budget 5ms --device cpu" in proc.stdout
