@@ -51,6 +51,20 @@ def describe_data(
     return data.load(spec, resolution=resolution, channels=channels).summary()
 
 
+def report(run_dir: str | Path) -> dict[str, Any]:
+    """Re-render a run folder's plot and page from its report.json, and return the report."""
+    from autocomp import report as reporting
+
+    return reporting.render(run_dir)
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary of a report as (label, value) rows."""
+    from autocomp import report as reporting
+
+    return reporting.summary_rows(report)
+
+
 def serve_device(
     *, host: str, port: int, token: str | None, max_bytes: int, threads: int = 1
 ) -> None:

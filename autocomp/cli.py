@@ -173,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_data)
 
     p = sub.add_parser(
+        "report",
+        help="re-render a run's report",
+        description="Re-render pareto.png and report.html of a run folder from its report.json "
+        "and print the summary.",
+        epilog="example:\n  autocomp report runs/search-5ms",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="run folder holding report.json. Example: runs/search-5ms")
+    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser(
         "device",
         help="run a measurement agent on a target machine",
         description="Measurement agents: run 'serve' on the target; search and measure reach it "
@@ -272,6 +284,16 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     for key, value in summary.items():
         print(f"{key:<14} {value}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    report = api.report(args.run_dir)
+    if args.json:
+        _print_json(report)
+        return 0
+    for label, value in api.report_rows(report):
+        print(f"{label:<20} {value}")
     return 0
 
 
