@@ -61,3 +61,14 @@ def test_non_editable_install_has_package_data(tmp_path):
     assert out[0].startswith(str(target))
     for name in (ROOT / "search_spaces").glob("*.yaml"):
         assert name.name in out[1]
+
+
+def test_pyproject_lists_every_subpackage():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"]) - {f"autocomp.{pkg}" for pkg in DATA_DIRS.values()}
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "autocomp").rglob("__init__.py")
+    }
+    assert listed == found
