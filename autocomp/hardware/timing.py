@@ -1,0 +1,116 @@
+"""Timing one callable truthfully: warm-up, enough repeats for a stable median, robust statistics.
+
+Shared by every local device so that all of them follow the same rules:
+
+* warm-up first (caches, memory arenas, CPU frequency, lazy initialisation), for at least
+  ``warmup_runs`` runs *and* ``warmup_s`` seconds, but never more than ``max_warmup_s`` seconds;
+* then time single runs until there are at least ``min_runs`` samples *and* ``min_s`` seconds of
+  them, or ``max_runs`` samples (tiny models);
+* report the median and the 10th/90th percentiles of all samples: a noisy neighbour moves the mean
+  and the tail, not the median.
+
+Which clock: when the whole inference runs in the calling thread (CPU, one intra-op thread), a
+sample is that thread's CPU time (``time.thread_time_ns``). On an idle core this equals the wall
+time; on a busy machine it leaves out the time the OS gave to *other* processes, which is not the
+model's latency (on the 2-core shared machine where this was written, wall-clock medians of one
+model varied by 50% between processes, thread CPU time by 1-4%). With several threads or on a GPU
+the work runs elsewhere, so samples are wall time (``time.perf_counter_ns``) and need a quiet
+machine. ``Timing(clock="wall")`` forces wall time.
+
+The garbage collector is paused while timing so that its pauses do not land inside a sample.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autocomp.errors import AutocompError
+
+#: Nanosecond clocks a sample can be read from.
+CLOCKS: dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to warm up and how many runs to time; the defaults favour stability over speed."""
+
+    warmup_runs: int = 10
+    warmup_s: float = 0.5
+    max_warmup_s: float = 5.0
+    min_runs: int = 30
+    min_s: float = 2.0
+    max_runs: int = 2000
+    clock: str = "auto"  # "auto" (see module doc), "wall" or "thread"
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS and self.clock != "auto":
+            raise AutocompError(f"unknown clock {self.clock!r}; use 'auto', 'wall' or 'thread'")
+
+    def resolve_clock(self, *, in_calling_thread: bool) -> str:
+        """The clock to use: thread CPU time only where all the work is in the calling thread."""
+        if self.clock != "auto":
+            return self.clock
+        return "thread" if in_calling_thread else "wall"
+
+
+DEFAULT_TIMING = Timing()
+
+
+def time_runs(
+    run: Callable[[], object], timing: Timing = DEFAULT_TIMING, *, clock: str = "wall"
+) -> list[float]:
+    """Milliseconds of each timed call of ``run`` (which must block until its work is done)."""
+    now = CLOCKS[clock]
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        n = 0
+        while True:
+            run()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if (n >= timing.warmup_runs and elapsed >= timing.warmup_s) or (
+                elapsed >= timing.max_warmup_s
+            ):
+                break
+        samples: list[float] = []
+        total = 0.0
+        while len(samples) < timing.max_runs and (
+            len(samples) < timing.min_runs or total < timing.min_s
+        ):
+            t0 = now()
+            run()
+            dt = (now() - t0) / 1e9
+            samples.append(dt * 1e3)
+            total += dt
+        return samples
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def summarize(samples: list[float]) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile (ms) of timed runs."""
+    p10, median, p90 = np.percentile(np.asarray(samples, dtype=np.float64), [10, 50, 90])
+    return float(median), float(p10), float(p90)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
