@@ -21,6 +21,7 @@ _EXPORTS = {
     "Measurement": "autocomp.hardware",
     "load_data": ("autocomp.data", "load"),
     "get_space": "autocomp.spaces",
+    "load_predictor": "autocomp.latency",
 }
 
 __all__ = sorted(_EXPORTS)

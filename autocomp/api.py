@@ -6,6 +6,11 @@ it runs (``autocomp --help`` and budget errors answer at once, without loading t
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +38,57 @@ def measure(
     onnx_model = hardware.load_onnx(path)
     shape = input_shape or hardware.static_input_shape(onnx_model, path)
     return hardware.get_device(device, threads=threads).measure(onnx_model, shape, profile=profile)
+
+
+def measure_dataset(
+    out: str | Path | None,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    generate: int | None = None,
+    models: list[str | Path] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    batch: int = 1,
+) -> tuple[int, int]:
+    """Append measurements (generated CNNs or user models) to a latency dataset file.
+
+    Returns (added, total records). Re-running skips what the file already holds.
+    """
+    from autocomp import hardware
+    from autocomp.latency import dataset
+
+    if out is None:
+        raise AutocompError("--generate needs --out FILE (the JSONL dataset to append to)")
+    dev = hardware.get_device(device, threads=threads, timing=dataset.TIMING)
+    if generate:
+        added = dataset.measure_generated(dev, generate, out, seed=seed, batch=batch)
+    else:
+        added = dataset.measure_files(dev, models or [], out, input_shape=input_shape)
+    return added, len(dataset.read_records(out))
+
+
+def fit_predictor(data: str | Path, *, kind: str = "kernel", out: str | Path) -> dict[str, Any]:
+    """Fit a latency predictor (kernel, arch or lut) on a dataset file and save it."""
+    from autocomp.latency import fit
+
+    return fit.fit_dataset(data, kind, out)
+
+
+def evaluate_predictor(predictor: str | Path, data: str | Path) -> dict[str, Any]:
+    """Accuracy metrics of a predictor on a dataset of its own device profile."""
+    from autocomp.latency import fit
+
+    return fit.evaluate_dataset(predictor, data)
+
+
+def predict_latency(
+    predictor: str | Path, model: str | Path, *, input_shape: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """Predicted latency of an ONNX file by a kernel predictor."""
+    from autocomp.latency import fit
+
+    return fit.predict_file(predictor, model, input_shape)
 
 
 def devices() -> list[dict[str, Any]]:
@@ -74,20 +130,472 @@ def serve_device(
     hardware.serve(host=host, port=port, token=token, max_bytes=max_bytes, threads=threads)
 
 
-def search(*, budget: str | Budget, device: str = "cpu", data: str = "digits", threads: int = 1):
-    """Search the most accurate model under ``budget`` on ``device``.
+@dataclass
+class Result:
+    """What a search hands back. ``metrics`` is the report's ``chosen`` entry (accuracy torch/ONNX,
+    latency predicted/measured, MACs, params, size); the run folder holds everything else."""
 
-    The inputs are validated now (so mistakes surface at once); the search pipeline itself is not
-    available yet and this says so rather than returning a made-up result.
+    model: Any  # the finetuned torch module, int8 layers fake-quantized
+    onnx_path: Path
+    metrics: dict[str, Any]
+    pareto: list[dict[str, Any]]
+    run_dir: Path
+    meets_budget: bool
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How much work each stage does; ``quick`` is a fast demo, the default fits the README's
+    15-minute main job on 2 cores."""
+
+    supernet_epochs: int
+    qat_epochs: int
+    latency_samples: int
+    trials: int
+    finetune_epochs: int
+
+    @classmethod
+    def of(cls, quick: bool) -> Effort:
+        if quick:
+            return cls(
+                supernet_epochs=4, qat_epochs=1, latency_samples=12, trials=16, finetune_epochs=4
+            )
+        return cls(
+            supernet_epochs=12, qat_epochs=2, latency_samples=40, trials=40, finetune_epochs=12
+        )
+
+
+REPAIR_ROUNDS = 3
+
+
+def search(
+    data: str = "digits",
+    budget: str | Budget = "5ms",
+    device: str = "cpu",
+    space: str = "mbv3",
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    sampler: str = "tpe",
+    trials: int | None = None,
+    quick: bool = False,
+    supernet: str | Path | None = None,
+    storage: str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    workers: int = 2,
+    measure_every: int = 0,
+    threads: int = 1,
+    allow_over_budget: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Search the most accurate model that meets ``budget`` on ``device``; finetune, export and
+    verify it on the device; write everything to the run folder (``out``, default
+    ``runs/<space>-<budget>``).
+
+    Inputs are all validated before anything is written. If the exported model misses the budget
+    as measured, the latency model is corrected with that measurement and another candidate is
+    chosen (at most ``REPAIR_ROUNDS`` times); a model that still misses is returned with
+    ``meets_budget=False`` (the CLI then exits non-zero unless ``--allow-over-budget``).
     """
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    import numpy as np
+    import torch
+
     from autocomp import data as data_specs
     from autocomp import hardware
+    from autocomp.search import CostModel, run_search
+    from autocomp.spaces import get_space
+    from autocomp.supernet.train import calibration_batches, evaluate_subnet
 
-    dev = hardware.get_device(device, threads=threads)
-    dataset = data_specs.load(data)
-    raise NotImplementedError(
-        f"search is not available yet: inputs are valid (budget {budget}, device "
-        f"{dev.info.profile}, data {dataset.name} with {len(dataset.y_train)} training images), "
-        "but the search pipeline has not landed"
+    with _torch_threads(1):  # training and evaluation; see _supernet
+        timings: dict[str, float] = {}
+        clock = _Stopwatch(timings)
+        # Validate everything before writing anything.
+        with clock("validate"):
+            budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+            effort = Effort.of(quick)
+            dev = hardware.get_device(device, threads=threads)
+            dataset = data_specs.load(data)
+            space_obj = get_space(
+                space,
+                num_classes=dataset.num_classes,
+                in_channels=dataset.input_shape[0],
+                max_resolution=max(32, 4 * dataset.input_shape[-1]),
+            )
+            run_dir = _run_dir(out, space_obj.name, budget, resume)
+            if supernet is not None and not Path(supernet).is_file():
+                raise AutocompError(f"supernet checkpoint not found: {supernet}")
+        torch.manual_seed(seed)
+        fit_part = dataset.validation_split(0.2, seed=seed)  # the search never sees the test split
+        bn_batches = calibration_batches(fit_part.x_train, seed=seed)
+        val_split = (fit_part.x_test, fit_part.y_test)
+        # An unachievable budget is bad input: refused before anything is written (exact terms
+        # first, as they cost nothing to check).
+        rng = np.random.default_rng(seed)
+        CostModel(space_obj, replace(budget, latency_ms=None)).check_achievable(rng)
+        with clock("latency model"):
+            from autocomp.latency.space import SpaceLatency
+
+            # Many candidates to time: shorter warm-up and timing than a final verification.
+            quick_timing = hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
+            latency = SpaceLatency.fit(
+                space_obj,
+                hardware.get_device(device, threads=threads, timing=quick_timing),
+                _to_onnx(space_obj, bn_batches),
+                effort.latency_samples,
+                seed=seed,
+                progress=progress,
+            )
+        CostModel(space_obj, budget, latency.predict).check_achievable(rng)
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "data": data,
+            "budget": budget.terms(),
+            "device": dev.info.to_dict(),
+            "space": space_obj.name,
+            "space_source": space_obj.source,
+            "seed": seed,
+            "sampler": sampler,
+            "quick": quick,
+            "effort": asdict(effort),
+            "backend": backend,
+            "threads": threads,
+            "autocomp_version": _version(),
+        }
+        _write_json(run_dir / "config.json", config)
+        with clock("supernet"):
+            net = _supernet(space_obj, fit_part, effort, seed, run_dir, supernet, progress)
+
+        def evaluate_fn(candidate):
+            return evaluate_subnet(net, candidate, bn_batches, val_split)
+
+        def measure_fn(candidate):
+            return latency.measure(candidate)
+
+        with clock("search"):
+            found = run_search(
+                space_obj,
+                budget,
+                evaluate_fn=evaluate_fn,
+                run_dir=run_dir,
+                latency_fn=latency.predict if budget.latency_ms is not None else None,
+                measure_fn=measure_fn if measure_every else None,
+                measure_every=measure_every,
+                sampler=sampler,
+                n_trials=trials or effort.trials,
+                seed=seed,
+                storage=storage,
+                resume=resume,
+                backend=backend,
+                ray_address=ray_address,
+                workers=workers,
+                progress=progress,
+            )
+        rounds: list[dict[str, Any]] = []
+        chosen_record = found.best_metrics
+        while True:
+            candidate = _candidate(chosen_record)
+            with clock(f"finetune#{len(rounds) + 1}"):
+                model, tuned = _finetune(
+                    space_obj,
+                    net,
+                    candidate,
+                    fit_part,
+                    bn_batches,
+                    evaluate_fn,
+                    effort,
+                    seed,
+                    progress,
+                )
+            with clock(f"export+verify#{len(rounds) + 1}"):
+                verdict = _export_and_verify(
+                    model,
+                    candidate,
+                    space_obj.cost(candidate).to_dict(),
+                    dataset,
+                    bn_batches,
+                    dev,
+                    budget,
+                    run_dir,
+                )
+            verdict["predicted_latency_ms"] = latency.predict([candidate])[0]
+            verdict["finetune"] = tuned
+            rounds.append(verdict)
+            if verdict["meets_budget"] or len(rounds) >= REPAIR_ROUNDS:
+                break
+            # Missed as measured: correct the latency model with the truth and choose again.
+            latency.correct(candidate, verdict["measured"]["median_ms"])
+            chosen_record = _rechoose(
+                found.trials, latency, budget, tried=[r["key"] for r in rounds]
+            )
+            if chosen_record is None:
+                break
+        final = rounds[-1]
+        report = _report(
+            config, budget, dev, space_obj, candidate, final, found, latency, rounds, timings
+        )
+        from autocomp.report import write_report
+
+        with clock("report"):
+            _save_model(run_dir / "model.pt", model, candidate)
+            write_report(run_dir, report)
+        report["timings_s"] = timings
+        write_report(run_dir, report)
+        return Result(
+            model,
+            run_dir / "model.onnx",
+            report["chosen"],
+            report["pareto"],
+            run_dir,
+            bool(final["meets_budget"]),
+        )
+
+
+# ------------------------------------------------------------------------- search pipeline
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads, restoring the caller's setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Stopwatch:
+    """``with clock("stage"):`` adds the stage's wall time to ``timings``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(time.perf_counter() - start, 2)
+
+
+def _version() -> str:
+    from autocomp import __version__
+
+    return __version__
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _run_dir(out: str | Path | None, space: str, budget: Budget, resume: bool) -> Path:
+    """The run folder: ``out``, or ``runs/<space>-<budget>`` (numbered when taken).
+
+    A folder that holds a run is only reused with ``resume``; resuming needs one.
+    """
+    slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in str(budget).replace(",", "-"))
+    if out is None:
+        base = Path("runs") / f"{space}-{slug}"
+        candidates = [base, *(base.with_name(f"{base.name}-{i}") for i in range(2, 1000))]
+        taken = [p for p in candidates if (p / "config.json").exists()]
+        if resume:
+            if not taken:
+                raise AutocompError(f"nothing to resume: no run folder {base}")
+            return taken[-1]
+        return next(p for p in candidates if not p.exists())
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise AutocompError(f"run folder {path} is a file")
+    held = (path / "config.json").exists()
+    if resume and not held:
+        raise AutocompError(f"nothing to resume in {path} (no config.json)")
+    if held and not resume:
+        raise AutocompError(f"{path} already holds a run; pass --resume to continue it")
+    return path
+
+
+def _supernet(space, fit_part, effort: Effort, seed: int, run_dir: Path, given, progress: bool):
+    """Train the supernet (resuming the run folder's checkpoint), or load ``given``."""
+
+    from autocomp.supernet.train import TrainConfig, load_checkpoint, train_supernet
+
+    net = space.supernet()
+    if given is not None:
+        state = load_checkpoint(Path(given), space=space)
+        net.load_state_dict(state["model"])
+        return net
+    config = TrainConfig(
+        epochs=effort.supernet_epochs,
+        qat_epochs=effort.qat_epochs,
+        seed=seed,
+        num_threads=1,  # two OpenMP threads on a busy 2-core machine ran 10× slower here
     )
+    train_supernet(
+        net, space, fit_part, config, checkpoint=run_dir / "supernet.pt", progress=progress
+    )
+    return net
+
+
+def _to_onnx(space, bn_batches):
+    """How a candidate is deployed: built, exported with its per-layer bits (QDQ int8)."""
+    import tempfile
+
+    from autocomp.quant.export import export_onnx
+
+    probe = bn_batches[0][:4]
+
+    def to_onnx(candidate):
+        net = space.build(candidate)
+        shape = (1, space.in_channels, candidate.resolution, candidate.resolution)
+        with tempfile.TemporaryDirectory() as tmp:
+            # Latency does not depend on the calibrated values: a few images calibrate fast.
+            info = export_onnx(
+                net, candidate, shape, Path(tmp) / "m.onnx", calibration_batches=[probe]
+            )
+            return info.path.read_bytes(), shape
+
+    return to_onnx
+
+
+def _candidate(record: dict[str, Any]):
+    from autocomp.spaces import Candidate
+
+    return Candidate.from_dict(record["candidate"])
+
+
+def _finetune(space, net, candidate, fit_part, bn_batches, evaluate_fn, effort, seed, progress):
+    """Extract the candidate with its inherited weights; finetune it with KD from the largest."""
+    from autocomp.finetune import FinetuneConfig, finetune
+    from autocomp.supernet.bn import recalibrate_bn
+    from autocomp.supernet.train import view
+
+    inherited = evaluate_fn(candidate)  # activates it, recalibrates BN and quantizer ranges
+    student = space.build(candidate, supernet=net)
+    largest = space.largest()
+    net.set_active(largest)
+    net.set_quantization(False)
+    recalibrate_bn(net, (view(b, largest.resolution) for b in bn_batches))
+    config = FinetuneConfig(
+        epochs=effort.finetune_epochs, qat_epochs=min(2, effort.finetune_epochs), seed=seed
+    )
+    report = finetune(
+        student,
+        net,
+        (fit_part.x_train, fit_part.y_train),
+        (fit_part.x_test, fit_part.y_test),
+        config,
+        resolution=candidate.resolution,
+        teacher_resolution=largest.resolution,
+        progress=progress,
+    )
+    return student, {"inherited_val_accuracy": inherited, **report.to_dict()}
+
+
+def _export_and_verify(model, candidate, exact, dataset, bn_batches, dev, budget: Budget, run_dir):
+    """Export as deployed, score torch vs ONNX on the test split, measure on the device."""
+    from autocomp.quant.export import export_onnx, onnx_accuracy
+    from autocomp.supernet.train import evaluate
+
+    r = candidate.resolution
+    shape = (1, dataset.input_shape[0], r, r)
+    info = export_onnx(
+        model, candidate, shape, run_dir / "model.onnx", calibration_batches=bn_batches
+    )
+    test = (dataset.x_test, dataset.y_test)
+    measured = dev.measure(info.path, shape)
+    costs = {**exact, "latency_ms": measured.median_ms, "size_bytes": info.size_bytes}
+    return {
+        "key": candidate.key(),
+        "accuracy": {"torch": evaluate(model, test, r), "onnx": onnx_accuracy(info.path, test, r)},
+        "measured": measured.to_dict() | {"samples": len(measured.samples)},
+        "size_bytes": info.size_bytes,
+        "quantized_nodes": len(info.quantized_nodes),
+        "violations": budget.violations(**{k: costs[k] for k in budget.terms()}),
+        "meets_budget": budget.is_met(**{k: costs[k] for k in budget.terms()}),
+    }
+
+
+def _rechoose(trials, latency, budget: Budget, tried: list[str]):
+    """The most accurate evaluated candidate that meets the budget under the corrected latency."""
+    from autocomp.spaces import Candidate
+
+    rows = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
+    rows = [t for t in rows if Candidate.from_dict(t["candidate"]).key() not in tried]
+    if not rows:
+        return None
+    predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
+    ok = []
+    for row, ms in zip(rows, predicted, strict=True):
+        costs = {k: row.get(k) for k in ("flops", "params", "size_bytes")}
+        costs["latency_ms"] = float(ms)
+        if budget.is_met(**{k: costs[k] for k in budget.terms()}):
+            ok.append(row | {"latency_predicted_ms": float(ms)})
+    return max(ok, key=lambda t: t["accuracy"]) if ok else None
+
+
+def _report(config, budget, dev, space, candidate, final, found, latency, rounds, timings):
+    cost = space.cost(candidate).to_dict()
+    measured = final["measured"]
+    notes = list(found.notes)
+    if len(rounds) > 1:
+        notes.append(
+            f"{len(rounds) - 1} candidate(s) missed the budget as measured and were "
+            "replaced after correcting the latency model (see 'rounds')"
+        )
+    if not final["meets_budget"]:
+        notes.append("THE RETURNED MODEL MISSES THE BUDGET AS MEASURED")
+    if budget.latency_ms and measured["median_ms"] < 0.8 * budget.latency_ms:
+        share = f"{100 * measured['median_ms'] / budget.latency_ms:.0f}%"
+        slowest = float(latency.predict([space.largest()])[0])
+        if slowest < budget.latency_ms:
+            notes.append(
+                f"the model uses {share} of the latency budget because the budget does not bind: "
+                f"even the largest candidate of the space is predicted at {slowest:.3g} ms"
+            )
+        else:
+            notes.append(
+                f"the model uses {share} of the latency budget: no slower candidate evaluated "
+                "scored higher on validation (accuracy, not latency, decided)"
+            )
+    return {
+        "config": config,
+        "budget": budget.terms(),
+        "device": dev.info.to_dict(),
+        "meets_budget": bool(final["meets_budget"]),
+        "chosen": {
+            "candidate": candidate.to_dict(),
+            "accuracy": final["accuracy"]
+            | {
+                "supernet_val": final["finetune"]["inherited_val_accuracy"],
+                "finetuned_val": final["finetune"]["val_accuracy"],
+            },
+            "latency_ms": {"predicted": float(final["predicted_latency_ms"]), "measured": measured},
+            **cost,
+            "size_bytes": final["size_bytes"],
+            "size_bytes_predicted": cost["size_bytes"],
+        },
+        "pareto": [{k: v for k, v in p.items() if k != "constraints"} for p in found.pareto],
+        "search": {
+            "study": found.study_name,
+            "storage": found.storage_url,
+            "evaluated": found.n_evaluated,
+            "proposals": len(found.trials),
+        },
+        "latency_model": latency.summary(),
+        "rounds": rounds,
+        "notes": notes,
+        "timings_s": timings,
+    }
+
+
+def _save_model(path: Path, model, candidate) -> None:
+    """state_dict + candidate JSON, loadable with ``torch.load(weights_only=True)``."""
+    import torch
+
+    torch.save({"state_dict": model.state_dict(), "candidate": candidate.to_json()}, path)

@@ -15,6 +15,7 @@ from autocomp.budget import ACCEPTED_FORMS
 from autocomp.errors import AutocompError
 
 EXIT_BAD_INPUT = 2
+EXIT_OVER_BUDGET = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,8 +100,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--data", default="digits", help=DATA_HELP)
+    p.add_argument(
+        "--space",
+        default="mbv3",
+        help="search space: 'mbv3', 'resnet' or a YAML file (copy one from search_spaces/). "
+        "Example: --space my_space.yaml",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder (default runs/<space>-<budget>, numbered when taken). "
+        "Example: --out runs/digits-5ms",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (or the latest default folder): reuses its supernet "
+        "checkpoint and its Optuna study. Example: --resume",
+    )
+    p.add_argument("--seed", type=int, default=0, help="one seed for everything. Example: --seed 1")
+    p.add_argument(
+        "--sampler",
+        choices=("tpe", "nsga2", "random", "evolution"),
+        default="tpe",
+        help="search algorithm (default tpe). Example: --sampler evolution",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=None,
+        help="candidates evaluated on the supernet (default 40, 16 with --quick). "
+        "Example: --trials 100",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast demo: short supernet training, few trials, short finetune. Example: --quick",
+    )
+    p.add_argument(
+        "--supernet",
+        default=None,
+        help="use this trained supernet checkpoint instead of training one. "
+        "Example: --supernet runs/mbv3-5ms/supernet.pt",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage shared by several processes: an RDB URL or a journal file "
+        "(default: SQLite in the run folder). Example: --storage postgresql://u:p@host/db",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="evaluate candidates here or as Ray tasks (on a cluster: ray job submit -- "
+        "autocomp search ... --backend ray). Example: --backend ray",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: start a local one). Example: --ray-address auto",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="concurrent evaluations with --backend ray. Example: --workers 4",
+    )
+    p.add_argument(
+        "--measure-every",
+        type=int,
+        default=0,
+        help="also measure every k-th candidate on the device (0: predict only). "
+        "Example: --measure-every 10",
+    )
     p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
-    p.add_argument("--json", action="store_true", help="print the result as JSON. Example: --json")
+    p.add_argument(
+        "--allow-over-budget",
+        action="store_true",
+        help="exit 0 even if the final model misses the budget as measured (it is still "
+        "reported loudly). Example: --allow-over-budget",
+    )
+    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
     p.set_defaults(func=_search)
 
     p = sub.add_parser(
@@ -114,11 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  autocomp measure --model resnet18.onnx\n"
             "  autocomp measure --model m.onnx --input-shape 1,3,224,224 --threads 2 --json\n"
-            "  autocomp measure --model m.onnx --device remote://127.0.0.1:8765 --profile"
+            "  autocomp measure --model m.onnx --device remote://127.0.0.1:8765 --profile\n"
+            "  autocomp measure --generate 300 --device cpu --out data.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="ONNX file to time. Example: --model m.onnx")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="ONNX file to time. Example: --model m.onnx")
+    what.add_argument(
+        "--generate",
+        type=_positive_int,
+        metavar="N",
+        help="measure N random CNNs (latency dataset; needs --out; re-running appends only the "
+        "missing ones). Example: --generate 300 --out data.jsonl",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="append the measurement(s) with per-node profiles to this JSONL latency dataset. "
+        "Example: --out data.jsonl",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="generator seed for --generate. Example: --seed 1"
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=1,
+        help="batch size of generated models. Example: --batch 4",
+    )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument(
         "--input-shape",
@@ -226,7 +331,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
     s.set_defaults(func=_serve)
+    _add_predictor_parser(sub)
     return parser
+
+
+def _add_predictor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predictor",
+        help="fit, evaluate and use latency predictors",
+        description="Latency predictors fitted from measurement datasets ('autocomp measure "
+        "--generate N --out FILE').",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    psub = p.add_subparsers(dest="predictor_command", metavar="ACTION", parser_class=_Parser)
+    data_help = "JSONL latency dataset from 'autocomp measure --out'. Example: --data data.jsonl"
+    pred_help = "predictor file (.npz). Example: --predictor kernel.npz"
+    s = psub.add_parser(
+        "fit",
+        help="fit a predictor on a dataset",
+        description="Fit a latency predictor on a measurement dataset and save it (npz).",
+        epilog="example:\n"
+        "  autocomp predictor fit --data data.jsonl --kind kernel --out kernel.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--data", required=True, help=data_help)
+    s.add_argument(
+        "--kind",
+        choices=("kernel", "arch", "lut"),
+        default="kernel",
+        help="kernel: per-kernel regressors, any ONNX model; arch: boosted trees over "
+        "encodings; lut: additive per-block table. Example: --kind arch",
+    )
+    s.add_argument("--out", required=True, help="file to write. Example: --out kernel.npz")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON. Example: --json")
+    s.set_defaults(func=_predictor_fit)
+    s = psub.add_parser(
+        "eval",
+        help="score a predictor on a dataset",
+        description="Accuracy of a predictor on a dataset of the same device profile: n, within "
+        "±5%%, within ±10%%, RMSE (ms), MAPE, Kendall τ.",
+        epilog="example:\n"
+        "  autocomp predictor eval --predictor kernel.npz --data test.jsonl --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--predictor", required=True, help=pred_help)
+    s.add_argument("--data", required=True, help=data_help)
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON. Example: --json")
+    s.set_defaults(func=_predictor_eval)
+    s = psub.add_parser(
+        "predict",
+        help="predict an ONNX model's latency",
+        description="Predict the latency of an ONNX model with a kernel predictor.",
+        epilog="example:\n  autocomp predictor predict --predictor kernel.npz --model m.onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--predictor", required=True, help=pred_help)
+    s.add_argument("--model", required=True, help="ONNX file. Example: --model m.onnx")
+    s.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="input shape, batch first (default: read from the model when static). "
+        "Example: --input-shape 1,3,224,224",
+    )
+    s.add_argument("--json", action="store_true", help="print the result as JSON. Example: --json")
+    s.set_defaults(func=_predictor_predict)
 
 
 def _print_json(obj: object) -> None:
@@ -234,14 +403,62 @@ def _print_json(obj: object) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    try:
-        api.search(budget=args.budget, device=args.device, data=args.data, threads=args.threads)
-    except NotImplementedError as err:
-        print(f"autocomp: {err}", file=sys.stderr)
+    result = api.search(
+        data=args.data,
+        budget=args.budget,
+        device=args.device,
+        space=args.space,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        sampler=args.sampler,
+        trials=args.trials,
+        quick=args.quick,
+        supernet=args.supernet,
+        storage=args.storage,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        measure_every=args.measure_every,
+        threads=args.threads,
+        allow_over_budget=args.allow_over_budget,
+        progress=not args.json,
+    )
+    report = api.report(result.run_dir)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"\nrun folder: {result.run_dir}")
+        for label, value in api.report_rows(report):
+            print(f"  {label:<20} {value}")
+        for note in report.get("notes", []):
+            print(f"  note: {note}")
+    if not result.meets_budget:
+        print(
+            f"autocomp: THE MODEL MISSES THE BUDGET AS MEASURED (see {result.run_dir}/report.json)",
+            file=sys.stderr,
+        )
+        return 0 if args.allow_over_budget else EXIT_OVER_BUDGET
     return 0
 
 
 def _measure(args: argparse.Namespace) -> int:
+    if args.out or args.generate:
+        added, total = api.measure_dataset(
+            args.out,
+            device=args.device,
+            threads=args.threads,
+            generate=args.generate,
+            models=[args.model] if args.model else None,
+            input_shape=args.input_shape,
+            seed=args.seed,
+            batch=args.batch,
+        )
+        if args.json:
+            _print_json({"out": args.out, "added": added, "records": total})
+        else:
+            print(f"{args.out}: {added} measurement(s) added, {total} in total")
+        return 0
     m = api.measure(
         args.model,
         device=args.device,
@@ -294,6 +511,43 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     for label, value in api.report_rows(report):
         print(f"{label:<20} {value}")
+    return 0
+
+
+def _predictor_fit(args: argparse.Namespace) -> int:
+    summary = api.fit_predictor(args.data, kind=args.kind, out=args.out)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{summary['kind']} predictor for {summary['profile']} fitted on {summary['n']} "
+            f"measurements: {summary['out']}"
+        )
+    return 0
+
+
+def _predictor_eval(args: argparse.Namespace) -> int:
+    metrics = api.evaluate_predictor(args.predictor, args.data)
+    if args.json:
+        _print_json(metrics)
+        return 0
+    print(
+        f"{metrics['kind']} predictor on {metrics['n']} models ({metrics['profile']}): "
+        f"{metrics['within_5_pct']:.1f}% within ±5%, {metrics['within_10_pct']:.1f}% within "
+        f"±10%, RMSE {metrics['rmse_ms']:.3f} ms, MAPE {metrics['mape_pct']:.2f}%, "
+        f"Kendall τ {metrics['kendall_tau']:.3f}"
+    )
+    return 0
+
+
+def _predictor_predict(args: argparse.Namespace) -> int:
+    result = api.predict_latency(args.predictor, args.model, input_shape=args.input_shape)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{result['model']}: {result['latency_ms']:.3f} ms predicted ({result['profile']})")
+    for k in result["top_kernels"]:
+        print(f"  {k['ms']:9.4f} ms  {k['op']:<22} {k['name']}")
     return 0
 
 

@@ -29,12 +29,18 @@ def builtin_spaces() -> list[str]:
 
 
 def get_space(
-    name_or_path: str | Path, *, num_classes: int = 10, in_channels: int = 3
+    name_or_path: str | Path,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    max_resolution: int | None = None,
 ) -> SearchSpace:
     """Load a built-in space by name or a YAML file by path.
 
     ``num_classes`` and ``in_channels`` are the defaults used by ``cost``, ``supernet`` and
-    ``build`` when they are not given explicitly.
+    ``build`` when they are not given explicitly. ``max_resolution`` drops the input resolutions
+    above it (keeping at least the smallest): upsampling small images far beyond their own size
+    adds training cost, not information.
     """
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
@@ -50,6 +56,9 @@ def get_space(
                 "or give the path of a .yaml file)"
             )
         config, source, name = read_yaml(Path(str(resource))), f"{text}.yaml", text
+    if max_resolution is not None and isinstance(config.get("resolution"), list):
+        sides = config["resolution"]
+        config["resolution"] = [r for r in sides if r <= max_resolution] or sides[:1]
     family = config.get("family")
     if family not in FAMILIES:
         raise AutocompError(

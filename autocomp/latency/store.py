@@ -1,0 +1,126 @@
+"""Where predictors live, and the one way to get one: :func:`load_predictor`.
+
+Kernel predictors are kept per device profile: shipped ones in the package
+(``latency_predictors/<profile>/kernel.npz``, with the measurements they were fitted on and a
+provenance file) and adapted ones in the user cache (``$AUTOCOMP_CACHE`` or
+``~/.cache/autocomp``, under ``predictors/<profile>/``). A predictor is only ever returned for the
+profile asked for: when none exists and a device is at hand, one is adapted from the shipped
+default with ≤ 30 measurements on that device and cached; otherwise it is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from autocomp.errors import AutocompError
+from autocomp.hardware.base import Device, DeviceInfo
+from autocomp.latency.predictors import KernelPredictor, _Predictor, load
+
+PREDICTOR_FILE = "kernel.npz"
+DATA_FILE = "measurements.jsonl"
+#: Generated models measured to adapt a predictor to a new profile (a seed unused for fitting).
+TRANSFER_SAMPLES = 30
+TRANSFER_SEED = 1000
+
+
+def cache_dir() -> Path:
+    """User cache of adapted predictors: ``$AUTOCOMP_CACHE`` or ``~/.cache/autocomp``."""
+    root = os.environ.get("AUTOCOMP_CACHE") or Path.home() / ".cache" / "autocomp"
+    return Path(root) / "predictors"
+
+
+def builtin_dir() -> Path:
+    """The shipped ``latency_predictors/`` folder (package ``autocomp.builtin_predictors``)."""
+    return Path(str(resources.files("autocomp.builtin_predictors")))
+
+
+def builtin_profiles() -> list[str]:
+    """Profiles with a shipped predictor."""
+    root = builtin_dir()
+    return sorted(p.parent.name for p in root.glob(f"*/{PREDICTOR_FILE}"))
+
+
+def default_predictor_path() -> Path:
+    """The shipped predictor used as the prior for transfer (ORT CPU, 1 thread, batch 1)."""
+    profiles = [p for p in builtin_profiles() if p.endswith("_t1_b1")] or builtin_profiles()
+    if not profiles:
+        raise AutocompError("this autocomp installation ships no latency predictor")
+    return builtin_dir() / profiles[0] / PREDICTOR_FILE
+
+
+def find_predictor(profile: str) -> Path | None:
+    """The cached or shipped predictor file for ``profile``, if any (cache first)."""
+    for root in (cache_dir(), builtin_dir()):
+        path = root / profile / PREDICTOR_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def load_predictor(
+    path_or_profile: str | Path | None = None,
+    *,
+    device_info: DeviceInfo | None = None,
+    device: Device | None = None,
+    batch: int = 1,
+    progress: bool = True,
+) -> _Predictor:
+    """The predictor for a file or a profile, checked against the device it will serve.
+
+    ``path_or_profile``: a predictor file, a profile key, or None for the profile of
+    ``device``/``device_info``. With ``device`` (a :class:`Device`) a missing profile is
+    adapted from the shipped default by measuring ``TRANSFER_SAMPLES`` generated models of batch
+    ``batch`` and cached; a predictor of another profile is never returned.
+    """
+    if device is not None:
+        device_info = device.info.with_batch(batch)
+    if path_or_profile is not None and Path(path_or_profile).suffix == ".npz":
+        return load(path_or_profile, device_info)
+    profile = str(path_or_profile) if path_or_profile is not None else None
+    if profile is None:
+        if device_info is None:
+            return load(default_predictor_path())
+        profile = device_info.profile
+    if device_info is not None and device_info.profile != profile:
+        raise AutocompError(
+            f"asked for profile {profile} but the device is profile {device_info.profile}"
+        )
+    path = find_predictor(profile)
+    if path is not None:
+        return load(path, device_info)
+    if device is None:
+        known = ", ".join(builtin_profiles()) or "none"
+        raise AutocompError(
+            f"no latency predictor for device profile {profile} (shipped: {known}); pass the "
+            f"device to adapt one from {TRANSFER_SAMPLES} measurements"
+        )
+    return adapt_to_device(device, batch=batch, progress=progress)
+
+
+def adapt_to_device(
+    device: Device,
+    *,
+    batch: int = 1,
+    samples: int | None = None,
+    prior: KernelPredictor | None = None,
+    progress: bool = True,
+) -> KernelPredictor:
+    """Measure ``samples`` (default :data:`TRANSFER_SAMPLES`) generated models on ``device``,
+    adapt the prior, cache the result."""
+    from autocomp.latency.dataset import measure_generated, read_records
+    from autocomp.latency.transfer import adapt
+
+    prior = prior or load(default_predictor_path())
+    if not isinstance(prior, KernelPredictor):
+        raise AutocompError("transfer needs a kernel predictor as the prior")
+    profile = device.info.with_batch(batch).profile
+    folder = cache_dir() / profile
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / DATA_FILE
+    samples = samples or TRANSFER_SAMPLES
+    measure_generated(device, samples, data, seed=TRANSFER_SEED, batch=batch, progress=progress)
+    adapted = adapt(prior, read_records(data)[:samples])
+    adapted.save(folder / PREDICTOR_FILE)
+    return adapted

@@ -1,0 +1,90 @@
+"""Few-shot transfer of a kernel predictor to a new device profile (as LitePred / HELP do).
+
+The shipped predictor is the prior; a handful (≤ 30) of generated models measured on the new
+profile fit a correction in log-latency space, per kernel type:
+``log t_new = log t_prior + a_type + b_type * log t_prior`` (``b`` lets big kernels speed up more
+than small ones with more threads). Each type's line is shrunk toward the line fitted on all
+kernels, so types seen a few times only borrow strength from the rest. The per-model overhead and
+correction are refitted on the new measurements (the correction shrunk toward the prior's).
+Without profiled node times (a device that cannot profile), one scale factor on whole-model
+latencies is fitted instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from autocomp.latency.dataset import kernel_inputs
+from autocomp.latency.predictors import (
+    FALLBACK,
+    KernelPredictor,
+    _apply_overhead,
+    _fit_overhead,
+    timed_kernels,
+)
+
+#: Strength (in kernels) of the pull of a kernel type's correction toward the global one.
+SHRINKAGE = 20.0
+#: Pull (in models) of the refitted per-model correction toward the prior's.
+MODEL_SHRINKAGE = 10.0
+
+
+def _weighted_line(
+    x: np.ndarray, r: np.ndarray, w: np.ndarray, prior: np.ndarray, lam: float
+) -> np.ndarray:
+    """(a, b) minimising sum w (r - a - b x)^2 + lam * mean(w) * |(a, b) - prior|^2."""
+    A = np.stack([np.ones_like(x), x], axis=1)
+    reg = lam * float(w.mean()) * np.eye(2)
+    lhs = A.T @ (A * w[:, None]) + reg
+    rhs = A.T @ (w * r) + reg @ prior
+    return np.linalg.solve(lhs, rhs)
+
+
+def adapt(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> KernelPredictor:
+    """A copy of ``prior`` corrected to the device profile of ``records`` (≤ 30 suffice)."""
+    from autocomp.hardware.base import DeviceInfo
+
+    models, y, raw_times = kernel_inputs(records)
+    times = timed_kernels(models, y, raw_times, prior.normalize)
+    adapted = copy.deepcopy(prior)
+    adapted.correction_ = {}
+    adapted.device = DeviceInfo.from_dict(records[0]["device"])
+    kernels = [k for ks, nt in zip(models, times, strict=True) for k in ks if k.name in nt]
+    if not kernels:  # no profile: one scale factor on whole-model latency
+        scale = float(np.median(np.log(y / prior.predict(models))))
+        adapted.correction_ = {key: np.asarray([scale, 0.0]) for key in adapted.models_}
+        return adapted
+    measured = np.asarray(
+        [nt[k.name] for ks, nt in zip(models, times, strict=True) for k in ks if k.name in nt]
+    )
+    base = np.concatenate(
+        [
+            prior.predict_kernels(ks, corrected=False)[[k.name in nt for k in ks]]
+            for ks, nt in zip(models, times, strict=True)
+        ]
+    )
+    x, r = np.log(base), np.log(measured) - np.log(base)
+    keys = np.asarray([k.key if k.key in prior.models_ else FALLBACK for k in kernels])
+    w = base / base.sum()  # the correction should be right where the time goes
+    glob = _weighted_line(x, r, w, np.zeros(2), 1e-3)
+    adapted.correction_[FALLBACK] = glob
+    for key in adapted.models_:
+        rows = keys == key
+        if rows.any():
+            adapted.correction_[key] = _weighted_line(x[rows], r[rows], w[rows], glob, SHRINKAGE)
+    kept = np.asarray([bool(nt) for nt in times])
+    sums = np.asarray([sum(nt.values()) for nt in times])
+    counts = np.asarray([len(ks) for ks in models], dtype=np.float64)
+    adapted.overhead_ = _fit_overhead(sums[kept], counts[kept], y[kept])
+    per_kernel = [adapted.predict_kernels(ks) for ks in models]
+    base = _apply_overhead(adapted.overhead_, np.asarray([p.sum() for p in per_kernel]), counts)
+    C = adapted._context(models, per_kernel, base)
+    reg = MODEL_SHRINKAGE * np.eye(C.shape[1])
+    adapted.model_correction_ = np.linalg.solve(
+        C.T @ C + reg, C.T @ (np.log(y) - np.log(base)) + reg @ prior.model_correction_
+    )
+    return adapted

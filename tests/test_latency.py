@@ -1,0 +1,331 @@
+"""Latency datasets, kernel extraction, predictors, persistence, transfer, metrics and CLI."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from sklearn.ensemble import GradientBoostingRegressor
+
+from autocomp import cli
+from autocomp.errors import AutocompError
+from autocomp.hardware import DeviceInfo, Measurement, Timing, get_device
+from autocomp.latency import generator, store
+from autocomp.latency.dataset import append_record, kernel_inputs, measure_generated, read_records
+from autocomp.latency.forest import Forest
+from autocomp.latency.kernels import extract_kernels, feature_matrix
+from autocomp.latency.metrics import latency_metrics
+from autocomp.latency.predictors import (
+    FORMAT_VERSION,
+    ArchPredictor,
+    KernelPredictor,
+    LutPredictor,
+    load,
+)
+from autocomp.latency.store import load_predictor
+from autocomp.latency.transfer import adapt
+from autocomp.quant.qdq import quantizable_nodes, quantize_nodes
+
+INFO = DeviceInfo("cpu", "onnxruntime", "1.0", "Test CPU", 1, 1, "CPUExecutionProvider")
+
+
+class FakeDevice:
+    """Deterministic 'device': each kernel costs its MACs at 1 GMAC/s plus 2 µs."""
+
+    def __init__(self, info: DeviceInfo = INFO, scale: float = 1.0):
+        self.info, self.scale = info, scale
+
+    def measure(self, onnx_model, input_shape, *, profile=False) -> Measurement:
+        kernels = extract_kernels(onnx_model, tuple(input_shape))
+        macs = feature_matrix(kernels)[:, 13]
+        times = {
+            k.name: float(self.scale * (m / 1e6 + 0.002))
+            for k, m in zip(kernels, macs, strict=True)
+        }
+        total = sum(times.values()) + 0.01
+        return Measurement(
+            total,
+            total,
+            total,
+            (total,),
+            self.info.with_batch(input_shape[0]),
+            times,
+            {k.name: k.op for k in kernels},
+        )
+
+
+@pytest.fixture(autouse=True)
+def tiny_models(monkeypatch):
+    """Generated models at 32x32 and at most 30 MMACs: fast to export, quantize and run."""
+    monkeypatch.setattr(generator, "RESOLUTIONS", (32,))
+    monkeypatch.setattr(generator, "MACS_RANGE", (1e5, 3e7))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lat") / "data.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generator, "RESOLUTIONS", (32,))
+        mp.setattr(generator, "MACS_RANGE", (1e5, 3e7))
+        measure_generated(FakeDevice(), 6, out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_generator_is_deterministic_valid_onnx_with_requested_int8_layers():
+    a, b = generator.generate(3, 1), generator.generate(3, 1)
+    assert a.id == "gen-3-1" and a.config == b.config
+    assert a.onnx_model.SerializeToString() == b.onnx_model.SerializeToString()
+    fp32 = generator.export_onnx(generator.build_model(a.config), a.input_shape)
+    names = quantizable_nodes(fp32)
+    chosen = names[::2]
+    mixed = quantize_nodes(fp32, chosen, input_shape=a.input_shape)
+    onnx.checker.check_model(mixed)
+    producers = {o: n.op_type for n in mixed.graph.node for o in n.output}
+    for node in mixed.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            feeds = {producers.get(i) for i in node.input[:2]}
+            assert (feeds == {"DequantizeLinear"}) == (node.name in chosen), node.name
+    ops = [k.op for k in extract_kernels(mixed, a.input_shape)]
+    int8_convs = sum(n.startswith("/") and "Conv" in n for n in chosen)
+    assert ops.count("QLinearConv") == int8_convs
+
+
+def test_quantize_unknown_node_is_refused():
+    s = generator.generate(0, 0)
+    with pytest.raises(AutocompError, match=r"^cannot quantize unknown node\(s\) 'nope'"):
+        quantize_nodes(s.onnx_model, ["nope"], input_shape=s.input_shape)
+
+
+@pytest.mark.slow
+def test_dataset_append_resume_and_torn_tail(tmp_path):
+    out = tmp_path / "d.jsonl"
+    assert measure_generated(FakeDevice(), 1, out, progress=False) == 1
+    assert measure_generated(FakeDevice(), 2, out, progress=False) == 1
+    with out.open("a") as f:
+        f.write('{"id": "gen-0-2", "median')  # a run killed mid-write
+    assert [r["id"] for r in read_records(out)] == ["gen-0-0", "gen-0-1"]
+    assert measure_generated(FakeDevice(), 3, out, progress=False) == 1
+    assert [r["id"] for r in read_records(out)] == ["gen-0-0", "gen-0-1", "gen-0-2"]
+    assert measure_generated(FakeDevice(), 3, out, progress=False) == 0
+    other = FakeDevice(replace(INFO, threads=2))
+    with pytest.raises(
+        AutocompError,
+        match=r"holds measurements for device profile .*_t1_b1, not "
+        r".*_t2_b1; write to another file$",
+    ):
+        measure_generated(other, 5, out, progress=False)
+
+
+def test_corrupt_dataset_line_is_refused(tmp_path):
+    out = tmp_path / "d.jsonl"
+    append_record(out, {"id": "a", "median_ms": 1.0})
+    out.write_text("garbage\n" + out.read_text())
+    with pytest.raises(AutocompError, match=r"d.jsonl:1: corrupt dataset line"):
+        read_records(out)
+
+
+def test_kernel_names_match_the_real_ort_profile():
+    s = generator.generate(0, 5)
+    dev = get_device("cpu", timing=Timing(warmup_runs=1, warmup_s=0, min_runs=3, min_s=0))
+    m = dev.measure(s.onnx_model, s.input_shape, profile=True)
+    kernels = extract_kernels(s.onnx_model, s.input_shape)
+    assert [k.name for k in kernels] and {k.name for k in kernels} == set(m.node_times_ms)
+    assert {k.name: k.op for k in kernels} == m.node_ops
+
+
+def test_forest_matches_sklearn():
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((300, 4)), rng.standard_normal(300)
+    forest = Forest.fit(X, y, n_estimators=20, max_depth=3, subsample=1.0)
+    ref = GradientBoostingRegressor(
+        n_estimators=20,
+        max_depth=3,
+        learning_rate=0.05,
+        subsample=1.0,
+        min_samples_leaf=3,
+        random_state=0,
+    ).fit(X, y)
+    np.testing.assert_allclose(forest.predict(X), ref.predict(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_kernel_predictor_fits_synthetic_latency_and_round_trips(dataset, tmp_path):
+    records = read_records(dataset)
+    kp = KernelPredictor(n_estimators=50, min_samples=5, device=INFO).fit(
+        *kernel_inputs(records[:4])
+    )
+    models, y, _ = kernel_inputs(records[4:])
+    pred = kp.predict(models)
+    assert np.all(np.abs(pred / y - 1) < 0.15)
+    path = kp.save(tmp_path / "k.npz")
+    again = load(path, INFO)
+    np.testing.assert_array_equal(again.predict(models), pred)
+
+
+@pytest.mark.parametrize("cls", [ArchPredictor, LutPredictor])
+def test_arch_predictors_learn_and_round_trip(cls, tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 4, size=(400, 6)).astype(float)
+    y = 1.0 + X @ np.array([0.5, 1.0, 0.2, 0.0, 0.3, 0.1])  # additive, like per-block latency
+    p = cls(device=INFO).fit(X[:300], y[:300])
+    assert latency_metrics(y[300:], p.predict(X[300:]))["within_10_pct"] >= 95
+    again = load(p.save(tmp_path / "a.npz"), INFO)
+    np.testing.assert_array_equal(again.predict(X[300:]), p.predict(X[300:]))
+
+
+def _saved(tmp_path: Path) -> Path:
+    X = np.arange(20, dtype=float).reshape(10, 2)
+    return LutPredictor(device=INFO).fit(X, X.sum(1) + 1).save(tmp_path / "p.npz")
+
+
+def test_truncated_and_corrupt_files_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AutocompError, match=r"^corrupt predictor file .*p.npz: not a readable npz"):
+        load(path)
+    bad = tmp_path / "bad.npz"
+    with np.load(_saved(tmp_path)) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["table"] = arrays["table"] + 1.0
+    np.savez(bad, **arrays)
+    with pytest.raises(
+        AutocompError, match=r"^corrupt predictor file .*bad.npz: checksum mismatch$"
+    ):
+        load(bad)
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("x.npy", b"not numpy")
+    with pytest.raises(AutocompError, match=r"^corrupt predictor file .*bad.npz: no metadata$"):
+        load(bad)
+
+
+def test_wrong_version_and_wrong_profile_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    meta["version"] = FORMAT_VERSION + 1
+    arrays["__meta__"] = np.asarray(json.dumps(meta))
+    old = tmp_path / "old.npz"
+    np.savez(old, **arrays)
+    with pytest.raises(AutocompError) as err:
+        load(old)
+    assert str(err.value) == (
+        f"{old}: predictor format version {FORMAT_VERSION + 1} is not supported (this autocomp "
+        f"reads version {FORMAT_VERSION}); refit it with 'autocomp predictor fit'"
+    )
+    other = replace(INFO, threads=4)
+    with pytest.raises(AutocompError) as err:
+        load_predictor(path, device_info=other)
+    assert str(err.value) == (
+        f"{path}: predictor was fitted for device profile {INFO.profile}, not {other.profile}; "
+        "fit one for this device ('autocomp predictor fit') or let autocomp adapt one "
+        "(load_predictor(..., device=...))"
+    )
+
+
+def test_unknown_profile_without_device_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    with pytest.raises(AutocompError, match=r"^no latency predictor for device profile nowhere_t9"):
+        load_predictor("nowhere_t9")
+
+
+@pytest.mark.slow
+def test_transfer_recovers_a_faster_device(dataset):
+    records = read_records(dataset)
+    prior = KernelPredictor(n_estimators=50, min_samples=5, device=INFO).fit(
+        *kernel_inputs(records)
+    )
+    fast = replace(INFO, threads=2)
+    new = [  # the same models on a device where every kernel is twice as fast
+        {
+            **r,
+            "median_ms": r["median_ms"] / 2,
+            "device": fast.to_dict(),
+            "node_times_ms": {n: t / 2 for n, t in r["node_times_ms"].items()},
+        }
+        for r in records
+    ]
+    adapted = adapt(prior, new[:3])
+    assert adapted.device.profile == fast.profile
+    models, y, _ = kernel_inputs(new[3:])
+    assert np.all(np.abs(adapted.predict(models) / y - 1) < 0.1)
+    assert np.all(prior.predict(models) / y > 1.7)
+
+
+def test_metrics_by_hand():
+    m = latency_metrics([10, 20, 30, 40], [10.4, 21.5, 36, 38])
+    assert m["n"] == 4
+    assert m["within_5_pct"] == 50.0  # 4% and 5% errors
+    assert m["within_10_pct"] == 75.0  # plus 7.5%; 20% is out
+    assert m["rmse_ms"] == pytest.approx(np.sqrt((0.16 + 2.25 + 36 + 4) / 4))
+    assert m["mape_pct"] == pytest.approx(100 * (0.04 + 0.075 + 0.2 + 0.05) / 4)
+    assert m["kendall_tau"] == 1.0
+
+
+@pytest.mark.slow
+def test_cli_fit_eval_predict(dataset, tmp_path, capsys):
+    pred = tmp_path / "lut.npz"
+    assert (
+        cli.main(["predictor", "fit", "--data", str(dataset), "--kind", "lut", "--out", str(pred)])
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        cli.main(["predictor", "eval", "--predictor", str(pred), "--data", str(dataset), "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {
+        "predictor",
+        "kind",
+        "profile",
+        "data",
+        "n",
+        "within_5_pct",
+        "within_10_pct",
+        "rmse_ms",
+        "mape_pct",
+        "kendall_tau",
+    }
+    assert out["n"] == 6 and out["kind"] == "lut" and out["profile"] == INFO.profile
+    model = tmp_path / "m.onnx"
+    onnx.save(generator.generate(0, 1).onnx_model, model)
+    assert cli.main(["predictor", "predict", "--predictor", str(pred), "--model", str(model)]) == 2
+    assert "a lut predictor predicts search-space encodings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_load_predictor_adapts_a_new_profile_once_and_caches_it(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    monkeypatch.setattr(store, "TRANSFER_SAMPLES", 3)
+    prior = KernelPredictor(n_estimators=20, min_samples=5, device=INFO).fit(
+        *kernel_inputs(read_records(dataset))
+    )
+    prior_path = prior.save(tmp_path / "prior.npz")
+    monkeypatch.setattr(store, "default_predictor_path", lambda: prior_path)
+    device = FakeDevice(replace(INFO, processor="Other CPU"), scale=0.5)
+    adapted = load_predictor(device=device, progress=False)
+    cached = tmp_path / "predictors" / device.info.profile / "kernel.npz"
+    assert adapted.device.profile == device.info.profile and cached.is_file()
+    assert len(read_records(cached.with_name("measurements.jsonl"))) == 3
+    device.measure = None  # a second load must not measure again
+    again = load_predictor(device=device)
+    models, _, _ = kernel_inputs(read_records(dataset))
+    np.testing.assert_array_equal(again.predict(models), adapted.predict(models))
+
+
+def test_shipped_predictor_matches_its_folder_and_predicts():
+    path = store.default_predictor_path()
+    predictor = load(path)
+    assert isinstance(predictor, KernelPredictor)
+    assert predictor.device.profile == path.parent.name
+    assert (path.parent / "provenance.json").is_file()
+    s = generator.generate(0, 2)
+    assert 0 < predictor.predict_onnx(s.onnx_model, s.input_shape) < 1000
