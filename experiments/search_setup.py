@@ -43,7 +43,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("SEARCH_DATA", f"npz:{ROOT / 'experiments' / 'data' / 'digits_hard.npz'}")
 RUN = ROOT / "runs" / "search-experiments" / Path(DATA.partition(":")[2] or DATA).stem
 RESOLUTIONS = [32, 40]
-TRAIN = TrainConfig(epochs=24, qat_epochs=2, teacher_resolution="sample", seed=0, num_threads=1)
+TRAIN = TrainConfig(  # every field pinned: the trainer's defaults move, these results must not
+    epochs=24,
+    batch_size=64,
+    lr=0.05,
+    weight_decay=5e-5,
+    optimizer="sgd",
+    warmup_epochs=1.0,
+    sandwich_random=2,
+    kd_temperature=1.0,
+    kd_weight=1.0,
+    label_smoothing=0.1,
+    augment=0.1,
+    resolution_power=1.0,
+    teacher_resolution="sample",
+    progressive=False,
+    phases=(),
+    qat_epochs=2,
+    seed=0,
+    num_threads=1,
+)
 VALIDATION_FRACTION = 0.3
 
 

@@ -95,7 +95,7 @@ def test_every_evaluated_candidate_meets_every_budget_term(space, latency_fn, tm
     assert result.pareto and all(p["state"] == "COMPLETE" for p in result.pareto)
 
 
-def test_constraints_steer_tpe_and_are_scale_free(space, latency_fn, tmp_path):
+def test_infeasible_proposals_record_scale_free_violations(space, latency_fn, tmp_path):
     result = _search(space, latency_fn, tmp_path, budget="0.5ms", n_trials=12, seed=3)
     infeasible = [t for t in result.trials if t["status"] == "infeasible"]
     assert infeasible, "a 0.5 ms budget must bind on the tiny space"
@@ -354,9 +354,17 @@ def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(space, latency
     # Kill it while it evaluates (it spends almost all its time in the 0.3 s sleep).
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    states = {t.number: t.state for t in _study(run).trials}
-    running = [n for n, s in states.items() if s == optuna.trial.TrialState.RUNNING]
-    assert running, "the killed process left its trial running"
+    killed = _study(run).trials
+    # A trial killed between ask and claim has no owner and no candidate: it was never evaluated,
+    # so it cannot be lost or repeated. A claimed one is failed on resume, and retried if it had
+    # its candidate. (Under load the kill can land outside any trial: then there is no orphan and
+    # the checks that concern one are vacuous; the others still hold.)
+    orphans = [
+        t.number
+        for t in killed
+        if t.state == optuna.trial.TrialState.RUNNING and "owner" in t.user_attrs
+    ]
+    running = [n for n in orphans if killed[n].params]
 
     result = run_search(
         space,
@@ -374,12 +382,20 @@ def test_sigkill_mid_search_then_resume_loses_and_repeats_nothing(space, latency
     assert len(set(keys)) == target, "a candidate was evaluated twice"
     after = {t.number: t.value for t in complete}
     assert all(after[n] == v for n, v in complete_before.items()), "a completed trial was lost"
-    for n in running:
+    for n in orphans:
         assert trials[n].state == optuna.trial.TrialState.FAIL
     retried = [t for t in trials if "retry_of" in t.user_attrs]
     assert sorted(t.user_attrs["retry_of"] for t in retried) == running
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in retried)
-    assert any("left running by a killed process" in note for note in result.notes)
+    # A retried candidate is screened again: evaluated, or pruned if it was the one being screened
+    # out when the process died.
+    assert all(
+        t.state == optuna.trial.TrialState.COMPLETE
+        or (
+            t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("status") == "infeasible"
+        )
+        for t in retried
+    ), [(t.number, t.state, t.user_attrs.get("status")) for t in retried]
+    assert any("left running by a killed process" in n for n in result.notes) == bool(orphans)
     assert result.best_metrics["accuracy"] == max(t.value for t in complete)
 
 

@@ -137,7 +137,11 @@ def test_one_epoch_reduces_the_loss(space):
     supernet = fresh(space)
     before = largest_loss(supernet, space, digits)
     report = train_supernet(
-        supernet, space, digits, TrainConfig(**{**FAST, "epochs": 1}), progress=False
+        supernet,
+        space,
+        digits,
+        TrainConfig(**{**FAST, "epochs": 1, "batch_size": 8}),
+        progress=False,
     )
     after = largest_loss(supernet, space, digits)
     assert after < before - 0.1, (before, after)

@@ -65,15 +65,15 @@ def _make(kind: str, seed: int):
         )
     if kind == "rf":
         return RandomForestRegressor(
-            n_estimators=300, max_features=0.5, min_samples_leaf=1, random_state=seed, n_jobs=1
+            n_estimators=100, max_features=0.5, min_samples_leaf=1, random_state=seed, n_jobs=1
         )
     return make_pipeline(
         StandardScaler(),
         MLPRegressor(
-            hidden_layer_sizes=(128, 128),
+            hidden_layer_sizes=(64, 64),
             alpha=1e-3,
             learning_rate_init=1e-3,
-            max_iter=2000,
+            max_iter=1000,
             random_state=seed,
         ),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -101,9 +102,17 @@ def recover_orphans(study: optuna.Study) -> list[int]:
     return failed
 
 
+#: A trial with no owner yet was asked a moment ago by a live process, or by one killed between
+#: ``ask`` and ``claim``; after this many seconds it can only be the latter.
+UNCLAIMED_GRACE_S = 30.0
+
+
 def _orphaned(trial: FrozenTrial) -> bool:
     owner = trial.user_attrs.get("owner")
-    if not owner or owner.get("host") != socket.gethostname():
+    if not owner:
+        start = trial.datetime_start
+        return start is not None and (datetime.now() - start).total_seconds() > UNCLAIMED_GRACE_S
+    if owner.get("host") != socket.gethostname():
         return False
     pid = int(owner["pid"])
     return pid == os.getpid() or not _alive(pid)
