@@ -243,7 +243,14 @@ def test_rerank_chooses_among_top_k_by_the_final_evaluation(space, latency_fn, t
         return -space.cost(c).macs
 
     result = _search(
-        space, latency_fn, tmp_path, n_trials=6, rerank_fn=final, top_k=3, storage=None
+        space,
+        latency_fn,
+        tmp_path,
+        budget="5ms",
+        n_trials=6,
+        rerank_fn=final,
+        top_k=3,
+        storage=None,
     )
     top = sorted(
         (t for t in result.trials if t["state"] == "COMPLETE"), key=lambda t: -t["accuracy"]
