@@ -178,12 +178,19 @@ def _roofline(X: np.ndarray, coef: np.ndarray) -> np.ndarray:
     return X[:, _MACS] * coef[0] + X[:, _BYTES].sum(axis=1) * coef[1] + coef[2]
 
 
+def fit_nonnegative(A: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Non-negative ``coef`` minimising the *relative* error of ``A @ coef`` against ``t``."""
+    A = A / t[:, None]
+    scale = np.maximum(np.abs(A).max(axis=0), 1e-30)
+    coef, _ = nnls(A / scale, np.ones(len(t)))
+    return coef / scale
+
+
 def _fit_roofline(X: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Non-negative coefficients minimising the *relative* error of the roofline prior."""
-    A = np.stack([X[:, _MACS], X[:, _BYTES].sum(axis=1), np.ones(len(t))], axis=1) / t[:, None]
-    scale = np.maximum(A.max(axis=0), 1e-30)
-    coef, _ = nnls(A / scale, np.ones(len(t)))
-    coef = coef / scale
+    coef = fit_nonnegative(
+        np.stack([X[:, _MACS], X[:, _BYTES].sum(axis=1), np.ones(len(t))], axis=1), t
+    )
     if coef[2] <= 0:
         coef[2] = float(np.min(t)) * 0.1  # keep the prior positive for empty kernels
     return coef

@@ -1,9 +1,14 @@
 """Arch-level latency of one search space on one device, fitted from on-device measurements.
 
-The search asks for the latency of thousands of candidates, so it needs a vectorised predictor over
-``space.encode`` vectors (:class:`~autocomp.latency.predictors.ArchPredictor`). It is fitted on
-real measurements of sampled candidates (the smallest, the largest and random ones, each exported
-with its per-layer bits), which are cached per device profile and space so later runs reuse them.
+The search asks for the latency of many candidates, so it needs a fast predictor fitted from few
+measurements. Latency on a CPU is close to a sum over layers, so the predictor is a non-negative
+per-layer cost model over each candidate's exact plan (:func:`structure`: MACs, activation traffic
+and count of each op class at each precision), fitted for relative error; with enough samples,
+boosted trees over ``space.encode`` (:class:`~autocomp.latency.predictors.ArchPredictor`) learn
+what the sum misses. Unlike trees alone, the additive model extrapolates to candidates larger or
+smaller than those measured, which is where budgets bind. It is fitted on real measurements of
+sampled candidates (the smallest, the largest and random ones, each exported with its per-layer
+bits), which are cached per device profile and space so later runs reuse them.
 Verification measurements correct it: a candidate measured slower than predicted raises a
 multiplicative safety factor, so the next choice is made with the truth in hand.
 """
@@ -21,7 +26,7 @@ import numpy as np
 from autocomp.hardware.base import Device
 from autocomp.latency.dataset import append_record, read_records
 from autocomp.latency.metrics import latency_metrics
-from autocomp.latency.predictors import ArchPredictor
+from autocomp.latency.predictors import ArchPredictor, fit_nonnegative
 from autocomp.latency.store import cache_dir
 
 #: ``to_onnx(candidate) -> (serialized ONNX, input shape)``: how a candidate is deployed.
@@ -38,6 +43,7 @@ class SpaceLatency:
         self.cache = cache
         self.scale_ = 1.0
         self.records_: list[dict[str, Any]] = []
+        self.coef_: np.ndarray | None = None
         self.predictor_: ArchPredictor | None = None
         self.holdout_: dict[str, float] = {}
 
@@ -83,8 +89,14 @@ class SpaceLatency:
 
     def predict(self, candidates: Sequence[Any]) -> np.ndarray:
         """Predicted milliseconds, safety factor included."""
-        assert self.predictor_ is not None, "fit first"
-        return self.scale_ * self.predictor_.predict(self.space.encode(list(candidates)))
+        assert self.coef_ is not None, "fit first"
+        return self.scale_ * self._predict(self.coef_, self.predictor_, list(candidates))
+
+    def _predict(
+        self, coef: np.ndarray, trees: ArchPredictor | None, candidates: list[Any]
+    ) -> np.ndarray:
+        prior = structure(self.space, candidates) @ coef
+        return prior if trees is None else prior * trees.predict(self.space.encode(candidates))
 
     def correct(self, candidate: Any, measured_ms: float) -> None:
         """Learn from a verification measurement: keep it, refit, and never under-predict it."""
@@ -108,24 +120,65 @@ class SpaceLatency:
         from autocomp.spaces.candidate import Candidate
 
         candidates = [Candidate.from_dict(r["candidate"]) for r in self.records_]
-        X = self.space.encode(candidates)
         y = np.array([r["median_ms"] for r in self.records_], dtype=float)
         # Held-out accuracy, reported in the run's report: fit on 80 %, score the rest.
         order = np.random.default_rng(seed).permutation(len(y))
         cut = max(1, int(0.8 * len(y)))
         if len(y) >= 10:
-            probe = ArchPredictor(random_state=seed).fit(X[order[:cut]], y[order[:cut]])
-            self.holdout_ = latency_metrics(y[order[cut:]], probe.predict(X[order[cut:]]))
-        self.predictor_ = ArchPredictor(random_state=seed).fit(X, y)
+            fit, rest = order[:cut], order[cut:]
+            model = self._fit([candidates[i] for i in fit], y[fit], seed)
+            predicted = self._predict(*model, [candidates[i] for i in rest])
+            self.holdout_ = latency_metrics(y[rest], predicted)
+        self.coef_, self.predictor_ = self._fit(candidates, y, seed)
+
+    def _fit(
+        self, candidates: list[Any], y: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, ArchPredictor | None]:
+        coef = fit_nonnegative(structure(self.space, candidates), y)
+        if len(y) < TREES_FROM:
+            return coef, None
+        prior = structure(self.space, candidates) @ coef
+        ratio = np.clip(y / np.maximum(prior, 1e-9), 1e-3, 1e3)
+        return coef, ArchPredictor(random_state=seed).fit(self.space.encode(candidates), ratio)
+
+
+#: Samples from which boosted trees correct the additive model (fewer would only add variance).
+TREES_FROM = 100
+
+
+def structure(space: Any, candidates: Sequence[Any]) -> np.ndarray:
+    """Per candidate, what its latency is nearly additive in: for each op class (depthwise,
+    pointwise, other conv, linear) at each precision (int8 or not) the MACs, the activation
+    elements read and written, and the layer count; then the graph's other nodes and 1."""
+    rows = np.zeros((len(candidates), 4 * 2 * 3 + 2))
+    for row, candidate in enumerate(candidates):
+        plan = space.plan(candidate)
+        for spec in plan.layers.values():
+            if spec.kind == "linear":
+                op = 3
+            else:
+                op = 0 if spec.depthwise else 1 if spec.kernel == 1 else 2
+            col = 6 * op + 3 * int(spec.bits <= 8)
+            out = spec.hw[0] * spec.hw[1] * spec.cout
+            rows[row, col] += out * (1 if spec.depthwise else spec.cin) * spec.kernel**2
+            rows[row, col + 1] += out + spec.hw[0] * spec.hw[1] * spec.stride**2 * spec.cin
+            rows[row, col + 2] += 1
+        rows[row, -2] = space.extra_nodes(plan)
+        rows[row, -1] = 1.0
+    return rows
 
 
 def default_cache(space: Any, device: Device) -> Path:
-    """``<cache>/<profile>/space-<name>-<hash of the space definition>.jsonl``."""
+    """``<cache>/<profile>/space-<name>-<hash>.jsonl``, the hash covering everything that shapes
+    the deployed networks: the YAML, its choices as restricted for the data (resolutions), and
+    the input channels and classes."""
     source = Path(space.source)
     if not source.is_file():  # a built-in space: its YAML is package data
         source = Path(str(resources.files("autocomp.builtin_spaces").joinpath(space.source)))
-    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
-    return cache_dir() / device.info.profile / f"space-{space.name}-{digest}.jsonl"
+    digest = hashlib.sha1(source.read_bytes())
+    shape = [space.in_channels, space.num_classes, [(p.name, p.choices) for p in space.params]]
+    digest.update(repr(shape).encode())
+    return cache_dir() / device.info.profile / f"space-{space.name}-{digest.hexdigest()[:12]}.jsonl"
 
 
 def _unique(candidates: Sequence[Any]) -> list[Any]:

@@ -1,0 +1,81 @@
+"""SpaceLatency: the search's latency model, fitted from (here: synthetic) device measurements."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_spaces import tiny_space
+
+from autocomp.hardware.base import DeviceInfo, Measurement
+from autocomp.latency.space import SpaceLatency, default_cache
+
+INFO = DeviceInfo("cpu", "onnxruntime", "0", "test-cpu", 1, 1, "CPUExecutionProvider")
+
+
+class FakeDevice:
+    """Latency = 1e-5 ms per MAC of the candidate named by the 'model' bytes; counts calls."""
+
+    info = INFO
+
+    def __init__(self, space):
+        self.space = space
+        self.calls = 0
+
+    def measure(self, onnx_model, input_shape, *, profile=False):
+        from autocomp.spaces import Candidate
+
+        self.calls += 1
+        ms = 1e-5 * self.space.cost(Candidate.from_dict(json.loads(onnx_model))).macs
+        return Measurement(ms, ms, ms, (ms,), self.info)
+
+
+def to_onnx(candidate):
+    return json.dumps(candidate.to_dict()).encode(), (1, 3, candidate.resolution, 16)
+
+
+@pytest.fixture
+def space(tmp_path):
+    return tiny_space("mbv3", tmp_path)
+
+
+def test_fit_measures_once_then_reuses_the_cache(space, tmp_path):
+    device = FakeDevice(space)
+    cache = tmp_path / "cache.jsonl"
+    model = SpaceLatency.fit(space, device, to_onnx, 20, cache=cache, progress=False)
+    first = device.calls
+    assert first >= 20  # the sampled candidates plus the two extremes, duplicates dropped
+    assert len(cache.read_text().splitlines()) == first
+    again = SpaceLatency.fit(space, device, to_onnx, 20, cache=cache, progress=False)
+    assert device.calls == first  # nothing measured twice
+    rng = np.random.default_rng(1)
+    probe = [space.sample(rng) for _ in range(5)]
+    assert np.allclose(model.predict(probe), again.predict(probe))
+    truth = np.array([1e-5 * space.cost(c).macs for c in probe])
+    # Latency additive over layers (as here) is learnt exactly, the largest candidate included.
+    assert np.all(np.abs(model.predict(probe) / truth - 1) < 0.02)
+    largest = space.largest()
+    assert model.predict([largest])[0] == pytest.approx(1e-5 * space.cost(largest).macs, rel=0.02)
+
+
+def test_correct_never_under_predicts_a_measured_candidate(space, tmp_path):
+    model = SpaceLatency.fit(
+        space, FakeDevice(space), to_onnx, 12, cache=tmp_path / "c.jsonl", progress=False
+    )
+    candidate = space.sample(np.random.default_rng(3))
+    slow = 3.0 * float(model.predict([candidate])[0])
+    model.correct(candidate, slow)
+    assert model.predict([candidate])[0] >= slow * (1 - 1e-9)
+    assert model.scale_ > 1.0
+    assert model.summary()["samples"] == len(model.records_)
+
+
+def test_cache_key_follows_what_shapes_the_networks(tmp_path):
+    device = FakeDevice(None)
+    base = default_cache(tiny_space("mbv3", tmp_path), device)
+    assert base == default_cache(tiny_space("mbv3", tmp_path), device)
+    assert base != default_cache(tiny_space("mbv3", tmp_path, max_resolution=16), device)
+    assert base != default_cache(tiny_space("mbv3", tmp_path, in_channels=1), device)
+    assert base != default_cache(tiny_space("mbv3", tmp_path, num_classes=4), device)
+    assert INFO.profile in str(base)
