@@ -457,3 +457,25 @@ def test_ray_backend_two_workers_retries_a_killed_worker(space, latency_fn, tmp_
     assert distributed.best_metrics["accuracy"] <= 1.0
     assert local.n_evaluated == distributed.n_evaluated == 6
     assert json.dumps(distributed.best_metrics)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "evolution"])
+def test_first_candidates_are_evaluated_first_when_they_meet_the_budget(
+    space, latency_fn, tmp_path, sampler
+):
+    largest, smallest = space.largest(), space.smallest()
+    result = _search(
+        space,
+        latency_fn,
+        tmp_path,
+        budget="100ms",  # does not bind: the largest wins outright
+        sampler=sampler,
+        first=[largest, smallest],
+    )
+    keys = [Candidate.from_dict(t["candidate"]).key() for t in result.trials[:2]]
+    assert keys == [largest.key(), smallest.key()]
+    assert Candidate.from_dict(result.best_metrics["candidate"]).key() == largest.key()
+    # An over-budget first candidate is skipped, not evaluated.
+    tight = _search(space, latency_fn, tmp_path / "tight", first=[largest, smallest])
+    assert Candidate.from_dict(tight.trials[0]["candidate"]).key() == smallest.key()
+    assert largest.key() not in {Candidate.from_dict(t["candidate"]).key() for t in tight.trials}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -102,6 +102,7 @@ def run_search(
     top_k: int = 5,
     evolution: EvolutionOptions | None = None,
     max_proposals: int | None = None,
+    first: Sequence[Candidate] = (),
     progress: bool = True,
 ) -> SearchResult:
     """Search the most accurate candidate of ``space`` that meets ``budget``.
@@ -113,10 +114,12 @@ def run_search(
     ``measure_every``-th trial (0: never). ``n_trials`` direct evaluations are made (the proposals
     screened out by the budget or as duplicates are free), at most ``max_proposals`` proposals
     (default 50·n_trials). With ``rerank_fn`` (e.g. the full validation split), the ``top_k``
-    best are re-evaluated by it before choosing. ``resume`` continues the study in ``storage``
-    (default: ``run_dir/study.db``) up to ``n_trials`` evaluations in all; without it a study that
-    already holds trials is refused. ``backend="ray"`` runs up to ``workers`` evaluations at once
-    as Ray tasks (see :mod:`autocomp.search.ray_backend`).
+    best are re-evaluated by it before choosing. ``first``: candidates to evaluate before the
+    sampler proposes any (those that meet the budget; a fresh study only), e.g. the largest
+    candidate, which wins outright when the budget does not bind. ``resume`` continues the study
+    in ``storage`` (default: ``run_dir/study.db``) up to ``n_trials`` evaluations in all; without
+    it a study that already holds trials is refused. ``backend="ray"`` runs up to ``workers``
+    evaluations at once as Ray tasks (see :mod:`autocomp.search.ray_backend`).
     """
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     evolution = evolution or EvolutionOptions()
@@ -159,6 +162,10 @@ def run_search(
         ]
         # Derive the sampler's seed from the history too: a resumed run must not replay the
         # proposals (and so the candidates) that its killed predecessor already made.
+        if first and not study.trials:
+            for candidate, ok in zip(first, costs.feasible_mask(list(first)), strict=True):
+                if ok:
+                    study.enqueue_trial(space.values(candidate))
         sub_seed = int(np.random.SeedSequence([seed, len(study.trials)]).generate_state(1)[0])
         study.sampler = _make_sampler(sampler, sub_seed, n_trials)
         executor = _executor(backend, evaluate_fn, workers, ray_address, max_retries)
