@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_spaces import tiny_space
+from tiny_spaces import TINY, tiny_space
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from autocomp import data
+from autocomp import api, data
 from autocomp.errors import AutocompError
 from autocomp.quant.fake import ActQuant
 from autocomp.supernet import train
 from autocomp.supernet.bn import recalibrate_bn
+from autocomp.supernet.ops import DynamicConv2d
 from autocomp.supernet.train import (
     TrainConfig,
     calibration_batches,
@@ -246,6 +248,80 @@ def test_progressive_training_runs_and_reorders_channels(space, digits, monkeypa
     config = TrainConfig(**{**FAST, "epochs": 3, "progressive": True, "phases": (("arch",),)})
     report = train_supernet(fresh(space), space, digits, config, progress=False)
     assert len(report.losses) == 3 and len(reorders) == 1
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_zero_init_residuals_makes_every_depth_the_same_function(kind, tmp_path):
+    space = tiny_space(kind, tmp_path, num_classes=10, in_channels=1)
+    deep = space.largest()
+    values = space.values(deep)
+    depths = {k: v for k, v in values.items() if k.startswith("arch.depth.")}
+    shallow = space.from_values({**values, **{k: 1 for k in depths}})
+    assert max(depths.values()) > 1
+    supernet = fresh(space).train()  # batch statistics: a fresh net's outputs vary with x
+    x = torch.randn(4, 1, deep.resolution, deep.resolution)
+    with torch.no_grad():
+        before = supernet.set_active(deep)(x), supernet.set_active(shallow)(x)
+        assert not torch.allclose(*before)
+        zeroed = supernet.zero_init_residuals()
+        after = supernet.set_active(deep)(x), supernet.set_active(shallow)(x)
+    assert zeroed == sum(d - 1 for d in depths.values()) + (kind != "mbv3") * len(depths)
+    torch.testing.assert_close(*after, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_fresh_run_zero_inits_the_residual_branches_and_a_resumed_one_does_not(
+    space, digits, tmp_path, monkeypatch, enabled
+):
+    calls = []
+    supernet = fresh(space)
+    original = type(supernet).zero_init_residuals
+    monkeypatch.setattr(
+        type(supernet), "zero_init_residuals", lambda self: calls.append(1) or original(self)
+    )
+    config = TrainConfig(**{**FAST, "epochs": 1}, zero_init_residual=enabled)
+    path = tmp_path / "supernet.pt"
+    train_supernet(supernet, space, digits, config, checkpoint=path, progress=False)
+    assert len(calls) == int(enabled)
+    train_supernet(fresh(space), space, digits, config, checkpoint=path, progress=False)
+    assert len(calls) == int(enabled)  # the finished checkpoint loaded: no new initialisation
+
+
+def test_the_search_trains_its_supernet_with_the_trainer_defaults():
+    """One source of truth: a default search's supernet config is ``TrainConfig()``'s."""
+    config = api.supernet_config(api.Effort.of(quick=False), seed=3)
+    assert config == TrainConfig(seed=3, num_threads=1)
+    quick = api.supernet_config(api.Effort.of(quick=True), seed=0)
+    assert quick.epochs < config.epochs and quick.qat_epochs <= config.qat_epochs
+
+
+@pytest.mark.parametrize(
+    ("side", "stride", "cropped"), [(1, 1, 1), (2, 1, 3), (2, 2, 3), (3, 1, 5), (5, 2, 7)]
+)
+def test_training_convs_skip_kernel_taps_that_only_meet_padding(side, stride, cropped, monkeypatch):
+    torch.manual_seed(0)
+    conv = DynamicConv2d(6, 6, 7, stride, depthwise=True)
+    x = torch.randn(3, 6, side, side, requires_grad=True)
+    full = F.conv2d(x, conv.weight, None, stride, 3, 1, 6)
+    seen, conv2d = [], F.conv2d
+
+    def spy(x, weight, *args):
+        seen.append(weight.shape[-1])
+        return conv2d(x, weight, *args)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    out = conv.train()(x)
+    assert seen == [cropped]
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    expected = torch.autograd.grad(full.square().sum(), (x, conv.weight))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        conv.eval()(x)
+    assert seen == [7]  # eval mode (export, FLOP counting) keeps the whole kernel
+    assert counter.get_total_flops() == 2 * 3 * 6 * 49 * full.shape[-1] ** 2
 
 
 # -- evaluation --------------------------------------------------------------------------------

@@ -47,6 +47,17 @@ class LayerSpec:
     hw: tuple[int, int] = (1, 1)
 
 
+def dead_border(size: int, kernel: int, stride: int, pad: int) -> int:
+    """How many outer rings of a ``kernel`` only meet padding on an input side of ``size``.
+
+    Output ``i`` reads inputs ``i·stride − pad + j`` for taps ``j``; the first ``c`` taps are dead
+    when even the last output reads padding with them, the last ``c`` when even the first does.
+    Cropping ``c`` rings and ``c`` of padding leaves the output (its size too) unchanged.
+    """
+    out = (size + 2 * pad - kernel) // stride + 1
+    return max(0, min(pad - (out - 1) * stride, kernel - pad - size, (kernel - 1) // 2))
+
+
 class DynamicConv2d(nn.Conv2d):
     """Conv2d with elastic input/output channels and kernel size (centre crop, 'same' padding)."""
 
@@ -95,11 +106,18 @@ class DynamicConv2d(nn.Conv2d):
     def forward(self, x: Tensor, bits: int = 32) -> Tensor:
         weight = self.active_weight()
         if bits < 32:
-            weight = fake_quant_weight(weight, bits)
+            weight = fake_quant_weight(weight, bits)  # scales from the whole kernel, as deployed
+        k, pad = self.active_kernel, self.active_kernel // 2
+        if self.training:
+            # Taps that only ever meet zero padding add nothing and get zero gradient; on CPU the
+            # backward of a 7×7 depthwise conv on a 1×1 or 2×2 map took 10× its forward, most of
+            # a training step. Eval mode (export, FLOP counting) keeps the kernel whole.
+            crop = min(dead_border(n, k, self.stride[0], pad) for n in x.shape[-2:])
+            if crop:
+                weight = weight[:, :, crop : k - crop, crop : k - crop]
+                pad -= crop
         groups = self.active_out if self.depthwise else 1
-        return F.conv2d(
-            x, weight, self.active_bias(), self.stride, self.active_kernel // 2, 1, groups
-        )
+        return F.conv2d(x, weight, self.active_bias(), self.stride, pad, 1, groups)
 
     @torch.no_grad()
     def permute(self, out: Tensor | None = None, inp: Tensor | None = None) -> None:

@@ -52,11 +52,14 @@ PHASES = (
 class TrainConfig:
     """Supernet training hyper-parameters; the defaults meet the ``digits`` targets on 2 cores."""
 
-    epochs: int = 14  # in total, the QAT epochs included
+    epochs: int = 16  # in total, the QAT epochs included
     batch_size: int = 32
-    lr: float = 5e-3
+    # SGD, not AdamW: on digits after 4 epochs the largest/smallest scored 98 %/93 % vs 97 %/81 %,
+    # on digits_hard 62 %/42 % vs 32 %/16 %. The subnets' gradients add up, so the rate is half
+    # what trains the largest alone best (0.1; 0.25 diverged).
+    lr: float = 0.05
     weight_decay: float = 5e-5
-    optimizer: str = "adamw"  # or "sgd" (Nesterov momentum 0.9)
+    optimizer: str = "sgd"  # Nesterov momentum 0.9; or "adamw"
     warmup_epochs: float = 0.3
     sandwich_random: int = 2  # random subnets per step, besides the largest and the smallest
     kd_temperature: float = 1.0
@@ -70,6 +73,7 @@ class TrainConfig:
     progressive: bool = False  # OFA progressive shrinking instead of the full space throughout
     phases: tuple[tuple[str, ...], ...] = PHASES  # params released per phase, by name prefix
     qat_epochs: int = 2  # final epochs with fake quantization of the int8 layers
+    zero_init_residual: bool = True  # a fresh run starts every residual branch at zero
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for the run (None: leave as is)
 
@@ -314,6 +318,8 @@ def _train(
         state = load_checkpoint(checkpoint, space=space, config=config)
         _restore(state, supernet, optimizer, scheduler, rng, checkpoint)
         report.start_epoch, report.losses = state["epoch"], list(state["losses"])
+    elif config.zero_init_residual:
+        supernet.zero_init_residuals()
     start = time.perf_counter()
     bar = tqdm(
         total=steps * (config.epochs - report.start_epoch),
