@@ -6,7 +6,9 @@ The measurements come first (one command, its wall time is the measurement cost)
       --out latency_predictors/<profile>/measurements.jsonl
 
 then: ``.venv/bin/python experiments/fit_shipped_predictor.py --wall-s SECONDS --started ISO
---command "..."``, which writes ``kernel.npz`` and ``provenance.json`` beside the data.
+--load "1-min load averages at start and end" --command "..."``, which writes ``kernel.npz`` and
+``provenance.json`` beside the data. The wall time covers the whole command: generating and
+exporting each model as well as timing it and its kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sklearn
 import torch
 
 from autocomp.hardware import get_device
-from autocomp.latency.dataset import dataset_profile, kernel_inputs, read_records
+from autocomp.latency.dataset import dataset_profile, kernel_inputs, profiled, read_records
 from autocomp.latency.predictors import KernelPredictor
 from autocomp.latency.store import DATA_FILE, PREDICTOR_FILE, builtin_dir
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--wall-s", type=float, required=True, help="wall time of the measurement")
     ap.add_argument("--started", required=True, help="UTC start of the measurement (ISO 8601)")
     ap.add_argument("--command", required=True, help="the exact measurement command")
+    ap.add_argument("--load", default="", help="load averages during the measurement")
     args = ap.parse_args()
     info = get_device("cpu").info
     folder = builtin_dir() / info.profile
@@ -39,7 +42,9 @@ def main() -> None:
     if dataset_profile(records, folder / DATA_FILE) != info.profile:
         raise SystemExit(f"{folder / DATA_FILE} was measured on another profile")
     t0 = time.time()
-    predictor = KernelPredictor(device=info).fit(*kernel_inputs(records))
+    predictor = KernelPredictor(normalize=profiled(records), device=info).fit(
+        *kernel_inputs(records)
+    )
     predictor.save(folder / PREDICTOR_FILE)
     provenance = {
         "profile": info.profile,
@@ -52,14 +57,17 @@ def main() -> None:
         "measurement_command": args.command,
         "measurement_started_utc": args.started,
         "measurement_wall_s": args.wall_s,
+        "measurement_load_average": args.load,
+        "kernel_labels": "node profile" if profiled(records) else "micro-benchmarks",
         "models_measured": len(records),
         "kernel_types": predictor.keys_,
         "fit_command": "python experiments/fit_shipped_predictor.py "
-        f"--wall-s {args.wall_s} --started {args.started} --command '{args.command}'",
+        f"--wall-s {args.wall_s} --started {args.started} --load '{args.load}' "
+        f"--command '{args.command}'",
         "fit_s": round(time.time() - t0, 1),
         "fitted_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "note": "measured on a shared 2-core VM while other jobs ran; accuracy and the "
-        "repeatability floor: experiments/latency_predictors.py",
+        "note": "measured on a shared 2-core VM while other jobs ran (see the load average); "
+        "accuracy and the repeatability floor: experiments/latency_predictors.py",
     }
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(json.dumps(provenance, indent=2))

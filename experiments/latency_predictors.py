@@ -2,47 +2,60 @@
 
 Reproduces the issue-3 acceptance numbers on this machine (ORT CPU, 1 thread, batch 1):
 
-  (a) held-out generated models (seed 1, never used for fitting), measured twice: the second
-      measurement against the first is the repeatability floor;
+  (a) held-out generated models (seed 1, never used for fitting);
   (b) ≥ 15 timm CNN families (pretrained=False, 224x224), fp32 and mixed int8/fp32 (half the
       conv/linear layers, chosen at random, quantized to QDQ);
-  (c) few-shot transfer to batch 4 from 30 measurements, on held-out generated models (2 threads
-      are not measurable on this busy 2-core machine: see the comment in main);
+  (c) few-shot transfer to batch 4 from 30 measured generated models (seed 1000), on held-out
+      generated models at batch 4;
   (d) arch-level predictors on the mbv3 search space: fitted on kernel-predictor labels of
       sampled candidates, scored against measured held-out candidates; candidates/s.
 
-Every measured dataset is a resumable JSONL file under --out, so an interrupted run continues.
-Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench``
+The truth. Every held-out model is measured in ``--sessions`` sessions (the ``cpu`` device's
+median of thread-clock runs), in interleaved passes over all models, so that a neighbour's burst
+of load hits different models in different passes. A neighbour's load only ever slows a session
+down, so the truth is the fastest session. The *repeatability floor* compares the fastest of the
+first half of the sessions with the fastest of the second half (a pessimistic floor: the truth
+takes the fastest of twice as many); no predictor can agree with one half more often than the
+halves agree with each other. Predictors are also scored against each half's fastest and
+against single sessions, with the load average of each pass, so the effect of the machine's load
+on every number is visible.
+
+Every measurement is appended to a resumable JSONL file under --out, so an interrupted run
+continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v2``
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from autocomp.hardware import get_device
+from autocomp.hardware import Timing, get_device
+from autocomp.hardware.base import Device
 from autocomp.latency import generator
 from autocomp.latency.dataset import (
-    TIMING,
+    append_record,
     kernel_inputs,
-    measure_files,
     measure_generated,
+    profiled,
     read_records,
 )
 from autocomp.latency.fit import arch_inputs
-from autocomp.latency.kernels import FEATURE_NAMES, Kernel, extract_kernels
+from autocomp.latency.kernels import FEATURE_NAMES, Kernel, extract_kernels, feature_matrix
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
 from autocomp.latency.store import DATA_FILE, builtin_dir, default_predictor_path
 from autocomp.latency.transfer import adapt
-from autocomp.quant.qdq import quantizable_nodes, quantize_nodes
+from autocomp.quant.qdq import name_nodes, quantizable_nodes, quantize_nodes
 
 TIMM_MODELS = (
     "resnet18",
@@ -67,99 +80,149 @@ TIMM_MODELS = (
     "cs3darknet_s",
 )
 MACS = FEATURE_NAMES.index("macs")
+#: One session of the truth: shorter than the device's default (2 s of runs), as there are six
+#: per model; the median of >= 0.5 s of runs after >= 0.2 s of warm-up.
+TRUTH_TIMING = Timing(warmup_runs=3, warmup_s=0.2, max_warmup_s=2.0, min_runs=10, min_s=0.5)
 
 
-def flops_of(records: list[dict]) -> np.ndarray:
-    """FLOPs (2 x MACs of convolutions and matmuls) of each record's executed kernels."""
-    models, _, _ = kernel_inputs(records)
-    from autocomp.latency.kernels import feature_matrix
-
-    return np.asarray([2 * feature_matrix(ks)[:, MACS].sum() for ks in models])
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def export_timm(folder: Path, res: int) -> list[Path]:
+def flops_of(models: list[list[Kernel]]) -> np.ndarray:
+    """FLOPs (2 x MACs of convolutions and matmuls) of each model's executed kernels."""
+    return np.asarray([2 * feature_matrix(ks)[:, MACS].sum() if ks else 0.0 for ks in models])
+
+
+class HeldOut:
+    """Held-out models: ONNX files, their kernels, and sessions measured in interleaved passes.
+
+    ``<name>.jsonl`` holds one record per model (id, input shape, kernels, extra fields) and
+    ``<name>.sessions.jsonl`` one line per session (id, pass, median, load average).
+    """
+
+    def __init__(self, out: Path, name: str):
+        self.folder = out / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.models_path = out / f"{name}.jsonl"
+        self.sessions_path = out / f"{name}.sessions.jsonl"
+
+    def add(
+        self, ids: list[str], make: Callable[[str], tuple[onnx.ModelProto, tuple, dict]]
+    ) -> None:
+        """Export and describe the models not yet recorded (``make(id) -> model, shape, extra``)."""
+        done = {r["id"] for r in read_records(self.models_path)} if self._exists() else set()
+        for rid in ids:
+            if rid in done:
+                continue
+            model, shape, extra = make(rid)
+            onnx.save(model, self.folder / f"{rid}.onnx")
+            kernels = extract_kernels(model, shape)
+            record = {
+                "id": rid,
+                "input_shape": list(shape),
+                "kernels": [k.to_dict() for k in kernels],
+                "median_ms": 0.0,
+                **extra,
+            }
+            append_record(self.models_path, record)
+
+    def _exists(self) -> bool:
+        return self.models_path.is_file()
+
+    def measure(self, device: Device, sessions: int) -> None:
+        """Bring every model to ``sessions`` sessions, pass by pass over all models."""
+        records = read_records(self.models_path)
+        have: dict[str, int] = {}
+        if self.sessions_path.is_file():
+            for s in read_records(self.sessions_path):
+                have[s["id"]] = have.get(s["id"], 0) + 1
+        for p in range(sessions):
+            for r in records:
+                if have.get(r["id"], 0) > p:
+                    continue
+                path = self.folder / f"{r['id']}.onnx"
+                m = device.measure(str(path), tuple(r["input_shape"]))
+                append_record(
+                    self.sessions_path,
+                    {"id": r["id"], "pass": p, "median_ms": m.median_ms, "load": os.getloadavg()},
+                )
+                have[r["id"]] = have.get(r["id"], 0) + 1
+
+    def pass_loads(self) -> list[float]:
+        """Mean 1-minute load average during each pass."""
+        by_pass: dict[int, list[float]] = {}
+        for s in read_records(self.sessions_path):
+            by_pass.setdefault(s["pass"], []).append(s["load"][0])
+        return [round(float(np.mean(by_pass[p])), 2) for p in sorted(by_pass)]
+
+    def records(self, sessions: int) -> tuple[list[dict], np.ndarray]:
+        """The model records and their session medians (models x sessions), in pass order."""
+        records = read_records(self.models_path)
+        by_id: dict[str, list[float]] = {r["id"]: [] for r in records}
+        for s in read_records(self.sessions_path):
+            by_id[s["id"]].append(s["median_ms"])
+        return records, np.asarray([by_id[r["id"]][:sessions] for r in records])
+
+
+def halves(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fastest of the first half of the sessions, and of the second half."""
+    half = S.shape[1] // 2
+    return S[:, :half].min(axis=1), S[:, half : 2 * half].min(axis=1)
+
+
+def export_timm(name: str, res: int, mixed: bool, seed: int) -> onnx.ModelProto:
     import timm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, name in enumerate(TIMM_MODELS):
-        fp32, mixed = folder / f"{name}.onnx", folder / f"{name}.mixed.onnx"
-        if not (fp32.exists() and mixed.exists()):
-            torch.manual_seed(0)
-            module = timm.create_model(name, pretrained=False).eval()
-            model = generator.export_onnx(module, (1, 3, res, res))
-            onnx.save(model, fp32)
-            rng = np.random.default_rng(i)
-            names = quantizable_nodes(model)
-            chosen = [n for n in names if rng.random() < 0.5]
-            onnx.save(quantize_nodes(model, chosen, input_shape=(1, 3, res, res)), mixed)
-        paths += [fp32, mixed]
-    return paths
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False).eval()
+    model = generator.export_onnx(module, (1, 3, res, res))
+    if not mixed:
+        return model
+    rng = np.random.default_rng(seed)
+    chosen = [n for n in quantizable_nodes(model) if rng.random() < 0.5]
+    return quantize_nodes(model, chosen, input_shape=(1, 3, res, res))
 
 
-def layer_nodes(module: torch.nn.Module, model: onnx.ModelProto, shape: tuple) -> dict[str, str]:
-    """Module name -> ONNX node name of each conv/linear, matched by execution order."""
-    order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: order.append(n))
-        for n, m in module.named_modules()
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-    ]
-    with torch.no_grad():
-        module(torch.zeros(shape))
-    for h in hooks:
-        h.remove()
+def mbv3_model(space, candidate) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """The candidate as deployed: fp32 export, its 8-bit layers quantized to QDQ."""
+    shape = (1, space.in_channels, candidate.resolution, candidate.resolution)
+    model = name_nodes(generator.export_onnx(space.build(candidate).eval(), shape))
+    plan = space.plan(candidate)
     nodes = quantizable_nodes(model)
-    if len(nodes) != len(order):
-        raise RuntimeError(f"{len(order)} layers but {len(nodes)} quantizable nodes")
-    return dict(zip(order, nodes, strict=True))
-
-
-def space_model(space, cand) -> tuple[onnx.ModelProto, tuple[int, ...]]:
-    """The candidate exported with its int8 layers quantized (QDQ)."""
-    values = space.values(cand)
-    shape = (1, 3, values["resolution"], values["resolution"])
-    module = space.build(cand).eval()
-    model = generator.export_onnx(module, shape)
-    mapping = layer_nodes(module, model, shape)
-    int8 = [
-        node
-        for mod, node in mapping.items()
-        if any(values.get(f"bits.{layer}") == 8 for layer in _prefixes(mod))
-    ]
-    return quantize_nodes(model, int8, input_shape=shape), shape
-
-
-def _prefixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    chosen = [n for n, spec in zip(nodes, plan.layers.values(), strict=True) if spec.bits == 8]
+    return (quantize_nodes(model, chosen, input_shape=shape) if chosen else model), shape
 
 
 def row(label: str, m: dict) -> str:
     return (
-        f"{label:<44} {m['n']:>4} {m['within_5_pct']:>7.1f} {m['within_10_pct']:>7.1f} "
+        f"{label:<52} {m['n']:>4} {m['within_5_pct']:>7.1f} {m['within_10_pct']:>7.1f} "
         f"{m['rmse_ms']:>8.3f} {m['mape_pct']:>7.2f} {m['kendall_tau']:>6.3f}"
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/latency-bench", help="folder for datasets and results")
+    ap.add_argument(
+        "--out", default="runs/latency-bench-v2", help="folder for datasets and results"
+    )
     ap.add_argument("--train", default=None, help="training dataset (default: the shipped one)")
     ap.add_argument("--heldout", type=int, default=40, help="held-out generated models")
+    ap.add_argument("--sessions", type=int, default=6, help="sessions per held-out model (even)")
     ap.add_argument("--transfer-heldout", type=int, default=30)
-    ap.add_argument(
-        "--arch-train", type=int, default=600, help="mbv3 candidates, predictor-labelled"
-    )
+    ap.add_argument("--arch-train", type=int, default=600, help="mbv3 candidates, kernel-labelled")
     ap.add_argument("--arch-test", type=int, default=20, help="mbv3 candidates, measured")
     ap.add_argument("--res", type=int, default=224, help="timm input resolution")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: timm,b4,mbv3")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # see generator.one_torch_thread
+    skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = get_device("cpu", threads=1, timing=TIMING)
+    dev = get_device("cpu", threads=1, timing=TRUTH_TIMING)
     t0 = time.time()
+    loads: dict[str, object] = {"start": load()}
 
     train_path = (
         Path(args.train)
@@ -167,108 +230,184 @@ def main() -> None:
         else builtin_dir() / Path(default_predictor_path()).parent.name / DATA_FILE
     )
     train = read_records(train_path)
-    kp = KernelPredictor(device=dev.info).fit(*kernel_inputs(train))
-    ytr = np.array([r["median_ms"] for r in train])
-    flops_coef = np.polyfit(flops_of(train), ytr, 1)
+    t_fit = time.time()
+    kp = KernelPredictor(normalize=profiled(train), device=dev.info).fit(*kernel_inputs(train))
+    fit_s = time.time() - t_fit
+    train_models, ytr, _ = kernel_inputs(train)
+    flops_coef = np.polyfit(flops_of(train_models), ytr, 1)
     Xtr, _ = arch_inputs(train)
     arch = ArchPredictor().fit(Xtr, ytr)
     lut = LutPredictor().fit(Xtr, ytr)
-
     results: dict[str, dict] = {}
-    measure_generated(dev, args.heldout, out / "heldout.jsonl", seed=1)
-    measure_generated(dev, args.heldout, out / "heldout_repeat.jsonl", seed=1)
-    held = read_records(out / "heldout.jsonl")
-    again = {r["id"]: r["median_ms"] for r in read_records(out / "heldout_repeat.jsonl")}
-    y = np.array([r["median_ms"] for r in held])
-    Xh, _ = arch_inputs(held)
-    results["generated: repeatability (2nd vs 1st run)"] = latency_metrics(
-        y, [again[r["id"]] for r in held]
-    )
-    results["generated: FLOPs-only linear"] = latency_metrics(
-        y, np.polyval(flops_coef, flops_of(held))
-    )
-    results["generated: kernel predictor"] = latency_metrics(y, kp.predict(kernel_inputs(held)[0]))
-    results["generated: arch predictor (generator encoding)"] = latency_metrics(y, arch.predict(Xh))
-    results["generated: lut predictor (generator encoding)"] = latency_metrics(y, lut.predict(Xh))
 
-    paths = export_timm(out / "timm", args.res)
-    measure_files(dev, paths, out / "timm.jsonl")
-    timm_recs = read_records(out / "timm.jsonl")
-    yt = np.array([r["median_ms"] for r in timm_recs])
-    pt = kp.predict(kernel_inputs(timm_recs)[0])
-    mixed = np.array([r["source"]["name"].endswith(".mixed") for r in timm_recs])
-    results["timm: FLOPs-only linear"] = latency_metrics(
-        yt, np.polyval(flops_coef, flops_of(timm_recs))
-    )
-    results["timm: kernel predictor (all)"] = latency_metrics(yt, pt)
-    results["timm: kernel predictor (fp32)"] = latency_metrics(yt[~mixed], pt[~mixed])
-    results["timm: kernel predictor (mixed int8/fp32)"] = latency_metrics(yt[mixed], pt[mixed])
-    per_model = {
-        r["source"]["name"]: {"measured_ms": float(a), "predicted_ms": float(b)}
-        for r, a, b in zip(timm_recs, yt, pt, strict=True)
-    }
+    def score(part: str, S: np.ndarray, preds: dict[str, np.ndarray], main: str) -> None:
+        """Floors, then each prediction against the truth; ``main`` also against the halves
+        and a single session."""
+        first, second = halves(S)
+        truth = S.min(axis=1)
+        k = S.shape[1] // 2
+        results[f"{part}: floor, best of sessions 1-{k} vs best of {k + 1}-{2 * k}"] = (
+            latency_metrics(first, second)
+        )
+        results[f"{part}: floor, session 1 vs session 2"] = latency_metrics(S[:, 0], S[:, 1])
+        for name, p in preds.items():
+            results[f"{part}: {name}"] = latency_metrics(truth, p)
+        results[f"{part}: {main} vs best of sessions 1-{k}"] = latency_metrics(first, preds[main])
+        results[f"{part}: {main} vs best of sessions {k + 1}-{2 * k}"] = latency_metrics(
+            second, preds[main]
+        )
+        results[f"{part}: {main} vs session 1"] = latency_metrics(S[:, 0], preds[main])
 
-    # Transfer target: batch 4 (1 thread). Two threads on this busy 2-core machine measure the
-    # neighbours, not the model (medians 3-5x the 1-thread ones, p90 up to 20x).
-    measure_generated(dev, 30, out / "b4_fit.jsonl", seed=1000, batch=4)
-    measure_generated(dev, args.transfer_heldout, out / "b4_heldout.jsonl", seed=1, batch=4)
-    fit4, held4 = read_records(out / "b4_fit.jsonl")[:30], read_records(out / "b4_heldout.jsonl")
-    y4 = np.array([r["median_ms"] for r in held4])
-    models4 = kernel_inputs(held4)[0]
-    results["batch 4: batch-1 predictor, no transfer"] = latency_metrics(y4, kp.predict(models4))
-    results["batch 4: transfer from 30 measurements"] = latency_metrics(
-        y4, adapt(kp, fit4).predict(models4)
-    )
-    results["batch 4: kernel predictor fit on the 30 only"] = latency_metrics(
-        y4, KernelPredictor(min_samples=10, cv=0).fit(*kernel_inputs(fit4)).predict(models4)
+    # (a) held-out generated models
+    gen = HeldOut(out, "heldout")
+
+    def make_generated(rid: str, batch: int = 1):
+        index = int(rid.rsplit("-", 1)[1])
+        sample = generator.generate(1, index, batch)
+        return sample.onnx_model, sample.input_shape, {"config": sample.config}
+
+    gen.add([generator.sample_id(1, i) for i in range(args.heldout)], make_generated)
+    gen.measure(dev, args.sessions)
+    loads["heldout measured"] = load()
+    loads["heldout passes"] = gen.pass_loads()
+    held, S = gen.records(args.sessions)
+    models = kernel_inputs(held)[0]
+    Xh = np.stack([generator.encode_config(r["config"]) for r in held])
+    score(
+        "generated",
+        S,
+        {
+            "FLOPs-only linear": np.polyval(flops_coef, flops_of(models)),
+            "kernel predictor": kp.predict(models),
+            "arch predictor (generator encoding)": arch.predict(Xh),
+            "lut predictor (generator encoding)": lut.predict(Xh),
+        },
+        "kernel predictor",
     )
 
-    from autocomp.spaces import get_space
+    per_model: dict[str, dict] = {}
+    if "timm" not in skip:
+        tm = HeldOut(out, "timm")
+        names = [f"{n}{suffix}" for n in TIMM_MODELS for suffix in ("", ".mixed")]
 
-    space = get_space("mbv3")
-    rng = np.random.default_rng(0)
-    cands = [space.sample(rng) for _ in range(args.arch_train + args.arch_test)]
-    kernels_path = out / "mbv3_kernels.jsonl"  # kernel lists are cached, labels follow kp
-    cached = {}
-    if kernels_path.exists():
-        cached = {r["id"]: r for r in read_records(kernels_path)}
-    for i, c in enumerate(cands):
-        if c.key() in cached:
-            continue
-        model, shape = space_model(space, c)
-        rec = {"id": c.key(), "kernels": [k.to_dict() for k in extract_kernels(model, shape)]}
-        rec["median_ms"] = dev.measure(model, shape).median_ms if i >= args.arch_train else 0.0
-        with kernels_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        cached[c.key()] = rec
-    kernel_pred = kp.predict(
-        [[Kernel.from_dict(k) for k in cached[c.key()]["kernels"]] for c in cands]
-    )
-    Xs, ys = space.encode(cands), kernel_pred[: args.arch_train]
-    ym = np.array([cached[c.key()]["median_ms"] for c in cands[args.arch_train :]])
-    Xtest = Xs[args.arch_train :]
-    results["mbv3: kernel predictor"] = latency_metrics(ym, kernel_pred[args.arch_train :])
+        def make_timm(rid: str):
+            name = rid.removesuffix(".mixed")
+            path = tm.folder / f"{rid}.onnx"  # exported by an earlier, interrupted run
+            if path.is_file():
+                model = onnx.load(str(path))
+            else:
+                model = export_timm(name, args.res, rid.endswith(".mixed"), TIMM_MODELS.index(name))
+            return model, (1, 3, args.res, args.res), {"name": rid}
+
+        tm.add(names, make_timm)
+        tm.measure(dev, args.sessions)
+        loads["timm measured"] = load()
+        loads["timm passes"] = tm.pass_loads()
+        recs, St = tm.records(args.sessions)
+        mt = kernel_inputs(recs)[0]
+        pt = kp.predict(mt)
+        mixed = np.asarray([r["id"].endswith(".mixed") for r in recs])
+        score(
+            "timm",
+            St,
+            {"FLOPs-only linear": np.polyval(flops_coef, flops_of(mt)), "kernel predictor": pt},
+            "kernel predictor",
+        )
+        truth = St.min(axis=1)
+        results["timm: kernel predictor (fp32)"] = latency_metrics(truth[~mixed], pt[~mixed])
+        results["timm: kernel predictor (mixed int8/fp32)"] = latency_metrics(
+            truth[mixed], pt[mixed]
+        )
+        per_model = {
+            r["id"]: {"measured_ms": float(a), "predicted_ms": float(b), "sessions": list(s)}
+            for r, a, b, s in zip(recs, truth, pt, St.tolist(), strict=True)
+        }
+
+    if "b4" not in skip:
+        # Transfer target: batch 4 (1 thread). Two threads on this busy 2-core machine measure
+        # the neighbours, not the model.
+        measure_generated(dev, 30, out / "b4_fit.jsonl", seed=1000, batch=4)
+        fit4 = read_records(out / "b4_fit.jsonl")[:30]
+        b4 = HeldOut(out, "b4_heldout")
+        b4.add(
+            [generator.sample_id(1, i) for i in range(args.transfer_heldout)],
+            lambda rid: make_generated(rid, batch=4),
+        )
+        b4.measure(dev, args.sessions)
+        loads["b4 measured"] = load()
+        loads["b4 passes"] = b4.pass_loads()
+        held4, S4 = b4.records(args.sessions)
+        models4 = kernel_inputs(held4)[0]
+        only30 = KernelPredictor(min_samples=10, normalize=profiled(fit4))
+        score(
+            "batch 4",
+            S4,
+            {
+                "batch-1 predictor, no transfer": kp.predict(models4),
+                "transfer from 30 measurements": adapt(kp, fit4).predict(models4),
+                "kernel predictor fit on the 30 only": only30.fit(*kernel_inputs(fit4)).predict(
+                    models4
+                ),
+            },
+            "transfer from 30 measurements",
+        )
+
     throughput = {}
-    for name, cls in (("arch", ArchPredictor), ("lut", LutPredictor)):
-        p = cls().fit(Xs[: args.arch_train], ys)
-        results[f"mbv3: {name} predictor (fit on kernel labels)"] = latency_metrics(
-            ym, p.predict(Xtest)
-        )
-        results[f"mbv3: {name} predictor vs kernel labels"] = latency_metrics(
-            kernel_pred[args.arch_train :], p.predict(Xtest)
-        )
-        big = np.repeat(Xs, 10_000 // len(Xs) + 1, axis=0)[:10_000]
-        t = time.perf_counter()
-        p.predict(big)
-        throughput[name] = 10_000 / (time.perf_counter() - t)
+    if "mbv3" not in skip:
+        from autocomp.spaces import get_space
 
-    header = f"{'':<44} {'n':>4} {'±5%':>7} {'±10%':>7} {'RMSE ms':>8} {'MAPE%':>7} {'τ':>6}"
+        space = get_space("mbv3")
+        rng = np.random.default_rng(0)
+        cands = [space.sample(rng) for _ in range(args.arch_train + args.arch_test)]
+        kernels_path = out / "mbv3_kernels.jsonl"  # kernel lists are cached, labels follow kp
+        cached = {r["id"]: r for r in read_records(kernels_path)} if kernels_path.exists() else {}
+        for c in cands[: args.arch_train]:
+            if c.key() not in cached:
+                model, shape = mbv3_model(space, c)
+                rec = {
+                    "id": c.key(),
+                    "median_ms": 0.0,
+                    "kernels": [k.to_dict() for k in extract_kernels(model, shape)],
+                }
+                append_record(kernels_path, rec)
+                cached[c.key()] = rec
+        test = {c.key(): c for c in cands[args.arch_train :]}
+        mb = HeldOut(out, "mbv3_test")
+        mb.add(list(test), lambda rid: (*mbv3_model(space, test[rid]), {}))
+        mb.measure(dev, args.sessions)
+        loads["mbv3 measured"] = load()
+        loads["mbv3 passes"] = mb.pass_loads()
+        mrecs, Sm = mb.records(args.sessions)
+        train_kernels = [
+            [Kernel.from_dict(k) for k in cached[c.key()]["kernels"]]
+            for c in cands[: args.arch_train]
+        ]
+        ys = kp.predict(train_kernels)
+        Xs = space.encode(cands[: args.arch_train])
+        Xtest = space.encode([test[r["id"]] for r in mrecs])
+        kernel_test = kp.predict(kernel_inputs(mrecs)[0])
+        preds = {"kernel predictor": kernel_test}
+        for name, cls in (("arch", ArchPredictor), ("lut", LutPredictor)):
+            p = cls().fit(Xs, ys)
+            preds[f"{name} predictor (fit on kernel labels)"] = p.predict(Xtest)
+            results[f"mbv3: {name} predictor vs kernel predictor"] = latency_metrics(
+                kernel_test, p.predict(Xtest)
+            )
+            big = np.repeat(Xs, 10_000 // len(Xs) + 1, axis=0)[:10_000]
+            t = time.perf_counter()
+            p.predict(big)
+            throughput[name] = 10_000 / (time.perf_counter() - t)
+        score("mbv3", Sm, preds, "kernel predictor")
+
+    loads["end"] = load()
+    header = f"{'':<52} {'n':>4} {'±5%':>7} {'±10%':>7} {'RMSE ms':>8} {'MAPE%':>7} {'τ':>6}"
     print(header)
     for label, m in results.items():
         print(row(label, m))
     for name, cps in throughput.items():
         print(f"mbv3: {name} predictor throughput: {cps:,.0f} candidates/s")
-    print(f"training set: {len(train)} generated models from {train_path}")
+    print(f"training set: {len(train)} generated models from {train_path} (fit {fit_s:.0f} s)")
+    print(f"load averages (1, 5, 15 min): {loads}")
     print(f"wall time: {time.time() - t0:.0f} s")
     (out / "results.json").write_text(
         json.dumps(
@@ -278,6 +417,10 @@ def main() -> None:
                 "timm": per_model,
                 "train": str(train_path),
                 "n_train": len(train),
+                "fit_s": fit_s,
+                "sessions": args.sessions,
+                "load_averages": loads,
+                "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },
             indent=2,
         )

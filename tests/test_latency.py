@@ -15,11 +15,19 @@ from sklearn.ensemble import GradientBoostingRegressor
 from autocomp import cli
 from autocomp.errors import AutocompError
 from autocomp.hardware import DeviceInfo, Measurement, Timing, get_device
+from autocomp.latency import dataset as dataset_module
 from autocomp.latency import generator, store
 from autocomp.latency.dataset import append_record, kernel_inputs, measure_generated, read_records
 from autocomp.latency.forest import Forest
-from autocomp.latency.kernels import extract_kernels, feature_matrix
+from autocomp.latency.kernels import (
+    FEATURE_NAMES,
+    Kernel,
+    Tensor,
+    extract_kernels,
+    feature_matrix,
+)
 from autocomp.latency.metrics import latency_metrics
+from autocomp.latency.microbench import BenchTiming, benchmark_kernels
 from autocomp.latency.predictors import (
     FORMAT_VERSION,
     ArchPredictor,
@@ -31,6 +39,7 @@ from autocomp.latency.store import load_predictor
 from autocomp.latency.transfer import adapt
 from autocomp.quant.qdq import quantizable_nodes, quantize_nodes
 
+MACS = FEATURE_NAMES.index("macs")
 INFO = DeviceInfo("cpu", "onnxruntime", "1.0", "Test CPU", 1, 1, "CPUExecutionProvider")
 
 
@@ -137,6 +146,57 @@ def test_kernel_names_match_the_real_ort_profile():
     kernels = extract_kernels(s.onnx_model, s.input_shape)
     assert [k.name for k in kernels] and {k.name for k in kernels} == set(m.node_times_ms)
     assert {k.name: k.op for k in kernels} == m.node_ops
+
+
+QUICK = Timing(warmup_runs=1, warmup_s=0, min_runs=3, min_s=0)
+
+
+def test_benchmark_times_every_kernel_ort_executes():
+    s = generator.generate(0, 5)
+    fp32 = generator.export_onnx(generator.build_model(s.config), s.input_shape)
+    mixed = quantize_nodes(fp32, quantizable_nodes(fp32)[::2], input_shape=s.input_shape)
+    kernels, times = benchmark_kernels(mixed, s.input_shape, timing=BenchTiming(passes=1))
+    # ORT numbers the nodes it creates per session, so compare what runs, not names.
+    ran = [(k.op, k.outputs) for k in extract_kernels(mixed, s.input_shape)]
+    assert [(k.op, k.outputs) for k in kernels] == ran
+    assert set(times) == {k.name for k in kernels} and all(t > 0 for t in times.values())
+    assert any(k.op == "QLinearConv" for k in kernels)  # int8 kernels are timed on their own
+    measured = get_device("cpu", timing=QUICK).measure(mixed, s.input_shape).median_ms
+    assert 0.2 < sum(times.values()) / measured < 5  # the same order as the whole model
+
+
+def test_cpu_dataset_records_hold_kernel_benchmarks(tmp_path):
+    out = tmp_path / "d.jsonl"
+    measure_generated(get_device("cpu", timing=QUICK), 1, out, progress=False)
+    (record,) = read_records(out)
+    names = {k["name"] for k in record["kernels"]}
+    assert set(record["kernel_times_ms"]) == names and "node_times_ms" not in record
+    assert len(record["session_medians_ms"]) == dataset_module.SESSIONS
+    assert record["median_ms"] == min(record["session_medians_ms"])
+    assert not dataset_module.profiled([record])
+
+
+def _conv(i: int, c: int, hw: int) -> Kernel:
+    """An NCHWc 3x3 convolution ``c -> c`` channels at ``hw x hw``."""
+    act = Tensor("float", (1, c, hw, hw))
+    weight = Tensor("float", (c, c, 3, 3))
+    attrs = {"kernel_shape": [3, 3], "strides": [1, 1], "group": 1}
+    return Kernel(f"conv{i}", "Conv", "com.microsoft.nchwc", (act, weight), (act,), attrs)
+
+
+def test_kernel_predictor_extrapolates_to_kernels_larger_than_any_seen():
+    rng = np.random.default_rng(0)
+    models, y, times = [], [], []
+    for _ in range(40):  # convolutions of up to 64 channels at up to 16x16, at 50 GMAC/s
+        ks = [_conv(i, int(rng.integers(1, 5)) * 16, int(rng.integers(4, 17))) for i in range(4)]
+        t = {k.name: float(feature_matrix([k])[0, MACS] / 5e7 + 0.002) for k in ks}
+        models.append(ks)
+        times.append(t)
+        y.append(sum(t.values()))
+    kp = KernelPredictor(n_estimators=50, min_samples=5).fit(models, y, times)
+    big = [_conv(0, 256, 56)]  # 200x the MACs of the largest training kernel
+    expected = feature_matrix(big)[0, MACS] / 5e7
+    assert abs(kp.predict_kernels(big)[0] / expected - 1) < 0.1
 
 
 def test_forest_matches_sklearn():

@@ -3,8 +3,10 @@
 Each record holds what a predictor needs and what an audit needs: the id (``gen-SEED-INDEX`` for
 generated models, ``file-SHA`` for user models), how to rebuild the model (generator config or
 source path), the input shape, the device's ``DeviceInfo`` (its profile is the file's key), the
-ONNX Runtime version, median/p10/p90 latency, the per-node profile times and the executed
-kernels (op, shapes, attributes) they belong to.
+ONNX Runtime version, median/p10/p90 latency, the executed kernels (op, shapes, attributes) and
+their times: micro-benchmarked with the thread clock (``kernel_times_ms``, see
+:mod:`~autocomp.latency.microbench`) on this machine's ``cpu`` device, or the per-node profile
+(``node_times_ms``) from any other device.
 
 Appending is crash-safe: every record is one flushed, fsynced line, a torn last line (a killed
 run) is cut off before the next append, and re-running a measurement skips the ids already there.
@@ -28,15 +30,20 @@ from tqdm import tqdm
 from autocomp.errors import AutocompError
 from autocomp.hardware import Timing, load_onnx, static_input_shape
 from autocomp.hardware.base import Device, OnnxModel
+from autocomp.hardware.ort_device import OrtDevice
 from autocomp.latency.generator import generate, sample_id
 from autocomp.latency.kernels import Kernel, extract_kernels
+from autocomp.latency.microbench import benchmark_kernels
 
-RECORD_VERSION = 1
-#: Timing for dataset building: shorter than a single measurement's default (the kernel predictor
-#: learns from the profiled node times, taken over about a second of runs either way), so that
-#: the shipped dataset fits in 15 minutes of measurement.
+RECORD_VERSION = 2
+#: Timing of a whole model for a dataset: shorter than a single measurement's default, so that
+#: the shipped dataset fits in 15 minutes of measurement. A neighbour's load only ever slows a
+#: session down, so each model is timed in ``SESSIONS`` sessions (before and after its kernels)
+#: and keeps the fastest median.
+TIMING = Timing(warmup_runs=3, warmup_s=0.1, max_warmup_s=1.0, min_runs=10, min_s=0.3)
+SESSIONS = 2
+#: Profiled devices: sessions a model whose median is inconsistent with its profile gets.
 REMEASURE = 2
-TIMING = Timing(warmup_runs=5, warmup_s=0.25, max_warmup_s=2.0, min_runs=20, min_s=0.5)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -99,34 +106,50 @@ def make_record(
     record_id: str,
     source: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measure ``model`` on ``device`` with the profiler on and describe its kernels.
+    """Measure ``model`` on ``device`` and describe and time its kernels.
 
-    A neighbour's load only ever slows runs down: when the median is well above the sum of the
-    profiled node times (:func:`consistent`), the model is measured again, at most
-    ``REMEASURE`` times, and the fastest median is kept.
+    This machine's ``cpu`` device: ``SESSIONS`` timed sessions (fastest median kept) and a
+    micro-benchmark of every kernel. Other devices (remote, CUDA): one session with the profiler
+    on, measured again (at most ``REMEASURE`` times, fastest median kept) while the median is
+    well above the sum of the profiled node times (:func:`consistent`).
     """
-    m = device.measure(model, input_shape, profile=True)
-    for _ in range(REMEASURE):
-        if consistent(m.median_ms, m.node_times_ms):
-            break
-        again = device.measure(model, input_shape, profile=True)
-        m = again if again.median_ms < m.median_ms else m
-    kernels: list[Kernel] = extract_kernels(model, input_shape)
-    return {
-        "version": RECORD_VERSION,
-        "id": record_id,
-        "source": source,
-        "input_shape": list(input_shape),
-        "device": m.info.to_dict(),
-        "ort_version": ort.__version__,
-        "host": platform.node(),
-        "median_ms": m.median_ms,
-        "p10_ms": m.p10_ms,
-        "p90_ms": m.p90_ms,
-        "runs": len(m.samples),
-        "node_times_ms": m.node_times_ms,
-        "kernels": [k.to_dict() for k in kernels],
-    }
+    record: dict[str, Any] = {"version": RECORD_VERSION, "id": record_id, "source": source}
+    if _benchmarkable(device):
+        threads = device.threads  # type: ignore[attr-defined]
+        sessions = [device.measure(model, input_shape)]
+        kernels, kernel_times = benchmark_kernels(model, input_shape, threads=threads)
+        sessions += [device.measure(model, input_shape) for _ in range(SESSIONS - 1)]
+        m = min(sessions, key=lambda s: s.median_ms)
+        record["session_medians_ms"] = [s.median_ms for s in sessions]
+        record["kernel_times_ms"] = kernel_times
+    else:
+        m = device.measure(model, input_shape, profile=True)
+        for _ in range(REMEASURE):
+            if consistent(m.median_ms, m.node_times_ms):
+                break
+            again = device.measure(model, input_shape, profile=True)
+            m = again if again.median_ms < m.median_ms else m
+        kernels = extract_kernels(model, input_shape)
+        record["node_times_ms"] = m.node_times_ms
+    record.update(
+        {
+            "input_shape": list(input_shape),
+            "device": m.info.to_dict(),
+            "ort_version": ort.__version__,
+            "host": platform.node(),
+            "median_ms": m.median_ms,
+            "p10_ms": m.p10_ms,
+            "p90_ms": m.p90_ms,
+            "runs": len(m.samples),
+            "kernels": [k.to_dict() for k in kernels],
+        }
+    )
+    return record
+
+
+def _benchmarkable(device: Device) -> bool:
+    """Whether the device runs ONNX Runtime on this machine's CPU (kernels can be timed here)."""
+    return isinstance(device, OrtDevice) and device.cuda is None
 
 
 def consistent(median_ms: float, node_times_ms: dict[str, float] | None) -> bool:
@@ -207,8 +230,15 @@ def measure_files(
 def kernel_inputs(
     records: Sequence[dict[str, Any]],
 ) -> tuple[list[list[Kernel]], np.ndarray, list[dict[str, float]]]:
-    """What :meth:`KernelPredictor.fit` takes, from dataset records."""
+    """What :meth:`KernelPredictor.fit` takes, from dataset records: kernel lists, latencies and
+    kernel times (micro-benchmarked where the record has them, else profiled)."""
     models = [[Kernel.from_dict(k) for k in r["kernels"]] for r in records]
     y = np.asarray([r["median_ms"] for r in records], dtype=np.float64)
-    times = [dict(r.get("node_times_ms") or {}) for r in records]
+    times = [dict(r.get("kernel_times_ms") or r.get("node_times_ms") or {}) for r in records]
     return models, y, times
+
+
+def profiled(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the records' kernel times are profiled node times (to be normalised to the
+    measured latency) rather than micro-benchmarks."""
+    return any("kernel_times_ms" not in r and r.get("node_times_ms") for r in records)

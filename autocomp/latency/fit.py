@@ -10,7 +10,7 @@ import numpy as np
 
 from autocomp.errors import AutocompError
 from autocomp.hardware.base import DeviceInfo
-from autocomp.latency.dataset import dataset_profile, kernel_inputs, read_records
+from autocomp.latency.dataset import dataset_profile, kernel_inputs, profiled, read_records
 from autocomp.latency.generator import encode_config
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.predictors import (
@@ -56,7 +56,9 @@ def fit_dataset(data: str | Path, kind: str, out: str | Path) -> dict[str, Any]:
     dataset_profile(records, data)
     device = DeviceInfo.from_dict(records[0]["device"])
     if kind == "kernel":
-        predictor: _Predictor = KernelPredictor(device=device).fit(*kernel_inputs(records))
+        predictor: _Predictor = KernelPredictor(normalize=profiled(records), device=device).fit(
+            *kernel_inputs(records)
+        )
     else:
         X, y = arch_inputs(records)
         predictor = KINDS[kind](device=device).fit(X, y)

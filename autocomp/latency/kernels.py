@@ -201,10 +201,17 @@ def _feed(session: ort.InferenceSession, shape: tuple[int, ...]) -> dict[str, np
 
 def extract_kernels(model: OnnxModel, input_shape: tuple[int, ...]) -> list[Kernel]:
     """The kernels ONNX Runtime (CPU, ``ORT_ENABLE_ALL``) executes for ``model``, in run order."""
+    return optimized_kernels(model, input_shape)[0]
+
+
+def optimized_kernels(
+    model: OnnxModel, input_shape: tuple[int, ...], threads: int = 1
+) -> tuple[list[Kernel], onnx.ModelProto]:
+    """:func:`extract_kernels` plus the optimized graph they come from (one session for both)."""
     source = model_source(model)
     with tempfile.TemporaryDirectory(prefix="autocomp-kernels-") as tmp:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -218,7 +225,7 @@ def extract_kernels(model: OnnxModel, input_shape: tuple[int, ...]) -> list[Kern
         except Exception as err:
             raise AutocompError(f"ONNX Runtime cannot run the model: {one_line(err)}") from None
         events = json.loads(Path(session.end_profiling()).read_text())
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        optimized = onnx.load(options.optimized_model_filepath)
     nodes = {n.name: n for n in optimized.graph.node if n.name}
     kernels = []
     for event in events:
@@ -238,7 +245,7 @@ def extract_kernels(model: OnnxModel, input_shape: tuple[int, ...]) -> list[Kern
                 attrs=_attrs(node) if node else {},
             )
         )
-    return kernels
+    return kernels, optimized
 
 
 def _nchw(t: Tensor, channels_last: bool) -> tuple[int, int, int, int]:

@@ -2,9 +2,11 @@
 
 * :class:`KernelPredictor` (nn-Meter style): one regressor per kernel type (``nchwc.Conv``,
   ``ms.QLinearConv.dw``, ``Add``...) over :mod:`~autocomp.latency.kernels` features; a model's
-  latency is the sum of its kernels plus a learned per-model overhead. Each regressor is a roofline
-  prior (``a*MACs + b*bytes + c``, non-negative) times a boosted-tree correction learned in log
-  space, so kernels larger than any seen still scale with their work. Works on any ONNX CNN.
+  latency is the sum of its kernels plus a learned per-model overhead. Each regressor predicts
+  the kernel's time *per unit of work* (MACs plus elements moved), in log space, with boosted
+  trees: trees extrapolate as constants, and a constant time per unit of work is what a kernel
+  larger than any seen converges to (a compute-bound convolution's MAC rate), whereas a constant
+  *time* would be wrong by the ratio of sizes. Works on any ONNX CNN.
 * :class:`ArchPredictor`: boosted trees over ``SearchSpace.encode`` vectors, log-latency target;
   predicting 10^4 candidates takes milliseconds.
 * :class:`LutPredictor`: an additive lookup table, one latency per (column, value) of an
@@ -35,7 +37,6 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.base import DeviceInfo, OnnxModel
 from autocomp.latency.forest import Forest
 from autocomp.latency.kernels import (
-    CONTEXT_NAMES,
     FEATURE_NAMES,
     Kernel,
     extract_kernels,
@@ -43,7 +44,7 @@ from autocomp.latency.kernels import (
 )
 
 FORMAT = "autocomp-latency-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FALLBACK = "*"  # the regressor for kernel types seen too rarely (or never) in training
 _MACS = FEATURE_NAMES.index("macs")
 _INT8_IN = FEATURE_NAMES.index("int8_in")
@@ -51,11 +52,16 @@ _INT8_IN = FEATURE_NAMES.index("int8_in")
 MODEL_CONTEXT = (
     "intercept",
     "log_predicted_ms",
+    "log_predicted_ms_squared",
     "log_weight_bytes",
     "log_activation_bytes",
     "int8_time_share",
 )
 _BYTES = [FEATURE_NAMES.index(n) for n in ("bytes_in", "bytes_out", "bytes_weight")]
+_ELEMS = [FEATURE_NAMES.index(n) for n in ("elems_in", "elems_out", "weight_elems")]
+#: Columns of :func:`feature_matrix` the per-kernel regressors see (not the model context: a
+#: kernel's own time does not depend on its neighbours; how they interact is the per-model part).
+_KERNEL_COLUMNS = len(FEATURE_NAMES)
 
 
 class _Predictor(ABC):
@@ -173,11 +179,6 @@ def load(path: str | Path, device_info: DeviceInfo | None = None) -> _Predictor:
     return predictor
 
 
-def _roofline(X: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """Prior latency (ms) from work and traffic: ``a*MACs + b*bytes + c``."""
-    return X[:, _MACS] * coef[0] + X[:, _BYTES].sum(axis=1) * coef[1] + coef[2]
-
-
 def fit_nonnegative(A: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Non-negative ``coef`` minimising the *relative* error of ``A @ coef`` against ``t``."""
     A = A / t[:, None]
@@ -186,33 +187,32 @@ def fit_nonnegative(A: np.ndarray, t: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
-def _fit_roofline(X: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Non-negative coefficients minimising the *relative* error of the roofline prior."""
-    coef = fit_nonnegative(
-        np.stack([X[:, _MACS], X[:, _BYTES].sum(axis=1), np.ones(len(t))], axis=1), t
-    )
-    if coef[2] <= 0:
-        coef[2] = float(np.min(t)) * 0.1  # keep the prior positive for empty kernels
-    return coef
+def kernel_work(X: np.ndarray) -> np.ndarray:
+    """Work of each kernel row of :func:`feature_matrix`: MACs plus elements read and written
+    (weights included), plus a constant for the fixed cost of a call."""
+    return X[:, _MACS] + X[:, _ELEMS].sum(axis=1) + 16.0
 
 
 class KernelPredictor(_Predictor):
     """Sum of per-kernel predictions plus a per-model overhead, for any ONNX model.
 
     ``fit(models, y, kernel_times)``: ``models`` are kernel lists (:func:`extract_kernels`),
-    ``y`` the measured model latencies (ms) and ``kernel_times`` each model's profiled node
-    times (ms, by kernel name). Kernel types with fewer than ``min_samples`` timed kernels share
-    a fallback regressor, which also serves types never seen in training.
+    ``y`` the measured model latencies (ms) and ``kernel_times`` each model's kernel times (ms,
+    by kernel name): micro-benchmarked ones (:mod:`~autocomp.latency.microbench`) or profiled
+    node times. Kernel types with fewer than ``min_samples`` timed kernels share a fallback
+    regressor, which also serves types never seen in training.
 
-    The per-model overhead is ``a*sum + b*kernels + c`` times ``exp(context @ w)``: ``w`` is
-    fitted on cross-fitted (``cv`` folds) predictions against :data:`MODEL_CONTEXT` (model size,
-    weight and activation bytes, int8 share), i.e. what the kernels of one model do to each
-    other through the caches. ``cv=0`` leaves it out.
+    The per-model overhead is ``a*sum + b*kernels + c`` times ``exp(context @ w)``, both fitted
+    on the *measured* kernel sums: ``w`` is a ridge fit of the remaining log ratio against
+    :data:`MODEL_CONTEXT` (model size, weight and activation bytes, int8 share), i.e. what the
+    kernels of one model do to each other through the caches and the executor (a model of many
+    small kernels runs ~25% slower than its kernels alone, a large one ~5%). ``context=False``
+    leaves it out.
 
-    ``normalize``: make each model's node times sum to its measured latency (see
-    :func:`timed_kernels`). The timed runs (profiler off) are the truth and the profile says how
-    that time splits across kernels; this removes the profiler's own per-node cost and load
-    from a neighbour that hit only the profiled runs.
+    ``normalize``: make each model's kernel times sum to its measured latency (see
+    :func:`timed_kernels`), for *profiled* node times: the timed runs (profiler off) are the
+    truth and the profile says how that time splits across kernels. Micro-benchmarked times are
+    used as they are (``normalize=False``, the default).
     """
 
     kind = "kernel"
@@ -223,14 +223,14 @@ class KernelPredictor(_Predictor):
         max_depth: int = 5,
         learning_rate: float = 0.05,
         min_samples: int = 30,
-        normalize: bool = True,
-        cv: int = 4,
+        normalize: bool = False,
+        context: bool = True,
         random_state: int = 0,
         device: DeviceInfo | None = None,
     ):
         super().__init__(device)
         self.normalize = normalize
-        self.cv = cv
+        self.context = context
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -244,7 +244,7 @@ class KernelPredictor(_Predictor):
             "learning_rate": self.learning_rate,
             "min_samples": self.min_samples,
             "normalize": self.normalize,
-            "cv": self.cv,
+            "context": self.context,
             "random_state": self.random_state,
         }
 
@@ -267,7 +267,9 @@ class KernelPredictor(_Predictor):
                 kernels += [ks[i] for i in timed]
                 times += [nt[ks[i].name] for i in timed]
         if not kernels:
-            raise AutocompError("no kernel has a profiled time: measure with profile=True")
+            raise AutocompError(
+                "no kernel has a measured time: build the dataset with 'autocomp measure --out'"
+            )
         X, t = np.vstack(rows), np.asarray(times)
         keys = np.asarray([k.key for k in kernels])
         names, counts = np.unique(keys, return_counts=True)
@@ -280,37 +282,25 @@ class KernelPredictor(_Predictor):
             if not rows.any():
                 rows = np.ones(len(t), dtype=bool)
             self.models_[key] = self._fit_type(X[rows], t[rows])
-        self.feature_names_ = [*FEATURE_NAMES, *CONTEXT_NAMES]
+        self.feature_names_ = list(FEATURE_NAMES)
         self.correction_: dict[str, np.ndarray] = {}
         kept = np.asarray([bool(nt) for nt in kernel_times])
         sums = np.asarray([sum(nt.values()) for nt in kernel_times])
         counts_ = np.asarray([len(ks) for ks in models], dtype=np.float64)
         self.overhead_ = _fit_overhead(sums[kept], counts_[kept], y[kept])
         self.model_correction_ = np.zeros(len(MODEL_CONTEXT))
+        if self.context and kept.sum() >= 2 * len(MODEL_CONTEXT):
+            base = _apply_overhead(self.overhead_, sums, counts_)
+            per_kernel = [
+                np.asarray([nt.get(k.name, 0.0) for k in ks])
+                for ks, nt in zip(models, kernel_times, strict=True)
+            ]
+            C = self._context(models, per_kernel, base)[kept]
+            reg = np.diag([0.0] + [1.0] * (C.shape[1] - 1))  # shrink all but the intercept
+            target = np.log(y[kept]) - np.log(np.maximum(base[kept], 1e-9))
+            self.model_correction_ = np.linalg.solve(C.T @ C + reg, C.T @ target)
         self.fitted_ = True
-        if self.cv >= 2 and len(models) >= 4 * self.cv:
-            self.model_correction_ = self._fit_model_correction(models, y, kernel_times)
         return self
-
-    def _fit_model_correction(
-        self,
-        models: Sequence[Sequence[Kernel]],
-        y: np.ndarray,
-        kernel_times: Sequence[Mapping[str, float]],
-    ) -> np.ndarray:
-        """Ridge fit of log(measured / predicted) on :data:`MODEL_CONTEXT`, with predictions
-        cross-fitted over ``cv`` folds (in-sample ones would be overfitted)."""
-        order = np.random.default_rng(self.random_state).permutation(len(models))
-        oof = np.zeros(len(models))
-        for fold in np.array_split(order, self.cv):
-            rest = np.setdiff1d(order, fold)
-            part = KernelPredictor(**{**self._params(), "cv": 0}).fit(
-                [models[i] for i in rest], y[rest], [kernel_times[i] for i in rest]
-            )
-            oof[fold] = part.predict([models[i] for i in fold])
-        C = self._context(models, [self.predict_kernels(ks) for ks in models], oof)
-        reg = np.diag([0.0] + [1.0] * (C.shape[1] - 1))  # shrink all but the intercept
-        return np.linalg.solve(C.T @ C + reg, C.T @ (np.log(y) - np.log(oof)))
 
     @staticmethod
     def _context(
@@ -319,27 +309,29 @@ class KernelPredictor(_Predictor):
         rows = []
         for ks, pk, b in zip(models, per_kernel, base, strict=True):
             X = feature_matrix(ks)
+            log_b = np.log(max(b, 1e-6))
             if not len(X):
-                rows.append([1.0, np.log(max(b, 1e-6)), 0.0, 0.0, 0.0])
+                rows.append([1.0, log_b, log_b**2, 0.0, 0.0, 0.0])
                 continue
             int8 = pk[X[:, _INT8_IN] > 0].sum() / max(pk.sum(), 1e-12)
-            rows.append([1.0, np.log(max(b, 1e-6)), X[0, -3], X[0, -2], int8])
+            rows.append([1.0, log_b, log_b**2, X[0, -3], X[0, -2], int8])
         return np.asarray(rows).reshape(-1, len(MODEL_CONTEXT))
 
     def _fit_type(self, X: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, Forest | None]:
-        coef = _fit_roofline(X, t)
+        """log(time per unit of work): its median, and boosted trees when there is data."""
+        rate = np.log(t) - np.log(kernel_work(X))
+        base = np.asarray([float(np.median(rate))])
         if len(t) < 2 * self.min_samples // 3:
-            return coef, None
-        residual = np.log(t) - np.log(_roofline(X, coef))
+            return base, None
         forest = Forest.fit(
-            X,
-            residual,
+            X[:, :_KERNEL_COLUMNS],
+            rate,
             n_estimators=self.n_estimators,
             max_depth=self.max_depth,
             learning_rate=self.learning_rate,
             random_state=self.random_state,
         )
-        return coef, forest
+        return base, forest
 
     def predict_kernels(self, kernels: Sequence[Kernel], corrected: bool = True) -> np.ndarray:
         """Predicted time (ms) of each kernel of *one model* (``corrected=False``: before any
@@ -349,13 +341,12 @@ class KernelPredictor(_Predictor):
         X = feature_matrix(list(kernels))
         keys = np.asarray([k.key if k.key in self.models_ else FALLBACK for k in kernels])
         out = np.zeros(len(kernels))
+        log_work = np.log(kernel_work(X))
         for key in np.unique(keys):
             rows = keys == key
-            coef, forest = self.models_[str(key)]
-            prior = _roofline(X[rows], coef)
-            log_t = np.log(np.maximum(prior, 1e-6))
-            if forest is not None:
-                log_t = log_t + forest.predict(X[rows])
+            base, forest = self.models_[str(key)]
+            rate = forest.predict(X[rows, :_KERNEL_COLUMNS]) if forest is not None else base[0]
+            log_t = log_work[rows] + rate
             corr = self.correction_.get(str(key), self.correction_.get(FALLBACK))
             if corrected and corr is not None:
                 log_t = log_t + corr[0] + corr[1] * log_t
@@ -395,10 +386,8 @@ class KernelPredictor(_Predictor):
         for i, entry in enumerate(state["types"]):
             forest = Forest.from_arrays(arrays, f"t{i}_") if entry["forest"] else None
             coef = np.asarray(arrays[f"t{i}_coef"], dtype=np.float64)
-            if coef.shape != (3,):
-                raise ValueError(
-                    f"roofline coefficients of {entry['key']!r} have shape {coef.shape}"
-                )
+            if coef.shape != (1,):
+                raise ValueError(f"base rate of {entry['key']!r} has shape {coef.shape}")
             self.models_[str(entry["key"])] = (coef, forest)
         if FALLBACK not in self.models_:
             raise ValueError("no fallback regressor")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from autocomp.latency.dataset import kernel_inputs
+from autocomp.latency.dataset import kernel_inputs, profiled
 from autocomp.latency.predictors import (
     FALLBACK,
     KernelPredictor,
@@ -49,7 +49,7 @@ def adapt(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> KernelPr
     from autocomp.hardware.base import DeviceInfo
 
     models, y, raw_times = kernel_inputs(records)
-    times = timed_kernels(models, y, raw_times, prior.normalize)
+    times = timed_kernels(models, y, raw_times, profiled(records))
     adapted = copy.deepcopy(prior)
     adapted.correction_ = {}
     adapted.device = DeviceInfo.from_dict(records[0]["device"])
