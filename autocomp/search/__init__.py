@@ -1,6 +1,6 @@
 """Budgeted joint search: Optuna controller, accuracy predictor, evolution, Ray backend."""
 
-from autocomp.search.accuracy import AccuracyPredictor, kendall_tau
+from autocomp.search.accuracy import AccuracyPredictor, candidate_features, kendall_tau
 from autocomp.search.controller import EvolutionOptions, SearchResult, pareto_front, run_search
 from autocomp.search.costs import CostModel
 
@@ -9,6 +9,7 @@ __all__ = [
     "CostModel",
     "EvolutionOptions",
     "SearchResult",
+    "candidate_features",
     "kendall_tau",
     "pareto_front",
     "run_search",

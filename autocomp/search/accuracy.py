@@ -1,13 +1,21 @@
-"""Accuracy predictor: ranks candidates from their ``encode()`` vector without evaluating them.
+"""Accuracy predictor: ranks candidates from their features without evaluating them.
 
 As in OFA and APQ, a regressor fitted on the direct supernet evaluations a search has already paid
 for scores thousands of candidates per second: it is the fitness of the evolutionary search and
 the pre-screen that decides which candidates deserve a direct evaluation. What matters is ranking,
 so it is judged by Kendall τ (experiments/accuracy_predictor.py compares the kinds). It is refitted
 from the study's trials whenever needed, so it is never persisted and nothing is ever unpickled.
+
+Features (:func:`candidate_features`): the space's ``encode()`` vector, plus what a layer actually
+keeps — log2 of every layer's output channels, the product of stage width, expand ratio and keep
+ratio that no single choice shows — plus log2 MACs and parameters. On the mbv3-digits experiment
+(fitted on 300 candidates, 100 held out) they raise the τ of gradient-boosted trees from 0.63
+(``encode()`` alone) to 0.67.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from scipy.stats import kendalltau
@@ -17,18 +25,44 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from autocomp.errors import AutocompError
+from autocomp.spaces.candidate import Candidate
 
 KINDS = ("gbdt", "rf", "mlp")
 
 
-class AccuracyPredictor:
-    """scikit-learn-style regressor over ``space.encode`` vectors: ``fit(X, y)``, ``predict(X)``.
+def candidate_features(space: Any, candidates: list[Candidate]) -> np.ndarray:
+    """A (n, d) float64 matrix: ``space.encode`` columns, then log2 output channels of each layer
+    the space can have (0 where the candidate lacks it), then log2 MACs and log2 parameters.
 
-    ``kind``: ``"gbdt"`` (gradient-boosted trees), ``"rf"`` (random forest) or ``"mlp"``
-    (standardised inputs, two hidden layers, as OFA's predictor). Deterministic for a ``seed``.
+    A space without ``plan``/``largest``/``cost`` (the small protocol asks only for ``encode``)
+    gets its ``encode`` columns alone.
+    """
+    encoded = np.asarray(space.encode(candidates), dtype=np.float64)
+    if not all(hasattr(space, name) for name in ("plan", "largest", "cost")):
+        return encoded
+    layers = list(space.plan(space.largest()).layers)
+    extra = np.zeros((len(candidates), len(layers) + 2))
+    for row, candidate in enumerate(candidates):
+        plan = space.plan(candidate)
+        for col, name in enumerate(layers):
+            spec = plan.layers.get(name)
+            if spec is not None:
+                extra[row, col] = np.log2(spec.cout)
+        cost = space.cost(candidate)
+        extra[row, -2:] = np.log2(max(cost.macs, 1)), np.log2(max(cost.params, 1))
+    return np.hstack([encoded, extra])
+
+
+class AccuracyPredictor:
+    """scikit-learn-style regressor over candidate features: ``fit(X, y)``, ``predict(X)``.
+
+    ``X`` is :func:`candidate_features` (or any fixed-width encoding, e.g. ``space.encode``).
+    ``kind``: ``"gbdt"`` (gradient-boosted trees, the default: best held-out τ), ``"rf"`` (random
+    forest) or ``"mlp"`` (standardised inputs, two hidden layers, as OFA's predictor).
+    Deterministic for a ``seed``.
     """
 
-    def __init__(self, kind: str = "rf", *, seed: int = 0) -> None:
+    def __init__(self, kind: str = "gbdt", *, seed: int = 0) -> None:
         if kind not in KINDS:
             raise AutocompError(f"unknown accuracy predictor {kind!r}; use one of {KINDS}")
         self.kind = kind
@@ -60,8 +94,16 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
 
 def _make(kind: str, seed: int):
     if kind == "gbdt":
+        # Shallow trees, many small steps, a third of the features per split: with a few hundred
+        # noisy labels, depth-2 interactions (e.g. a stage's width with its keep ratio) are as
+        # much as the data supports (held-out τ 0.67 at n=300; 0.66 with depth 3 and 300 trees).
         return GradientBoostingRegressor(
-            n_estimators=300, learning_rate=0.05, max_depth=3, subsample=0.8, random_state=seed
+            n_estimators=1000,
+            learning_rate=0.02,
+            max_depth=2,
+            subsample=0.7,
+            max_features=0.3,
+            random_state=seed,
         )
     if kind == "rf":
         return RandomForestRegressor(

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from autocomp.budget import Budget
 from autocomp.errors import AutocompError
-from autocomp.search.accuracy import KINDS, AccuracyPredictor
+from autocomp.search.accuracy import KINDS, AccuracyPredictor, candidate_features
 from autocomp.search.costs import CostModel, LatencyFn, MeasureFn, latency
 from autocomp.search.evolution import evolve, feasible_samples
 from autocomp.search.storage import claim, existing_trials, open_storage, recover_orphans
@@ -59,7 +59,7 @@ class EvolutionOptions:
     population: int = 48
     generations: int = 10
     mutate_prob: float = 0.1
-    predictor: str = "rf"
+    predictor: str = "gbdt"
 
 
 @dataclass
@@ -298,13 +298,13 @@ class _EvolutionProposer(_Proposer):
         batch = self.batch
         picks: list[Candidate] = []
         if len(done) + len(busy) >= self.n_init and len(done) >= 2:
-            X = self.space.encode([c for c, _ in done])
+            X = candidate_features(self.space, [c for c, _ in done])
             predictor = AccuracyPredictor(self.options.predictor, seed=self.seed)
             predictor.fit(X, np.array([a for _, a in done]))
             best = sorted(done, key=lambda ca: -ca[1])[: self.options.population // 4]
             population = evolve(
                 self.space,
-                lambda cs: predictor.predict(self.space.encode(cs)),
+                lambda cs: predictor.predict(candidate_features(self.space, cs)),
                 self.costs.feasible_mask,
                 self.rng,
                 seeds=[c for c, _ in best],
