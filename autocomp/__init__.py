@@ -15,6 +15,7 @@ _EXPORTS = {
     "AutocompError": "autocomp.errors",
     "Budget": "autocomp.budget",
     "search": "autocomp.api",
+    "compress": "autocomp.api",
     "measure": "autocomp.api",
     "get_device": "autocomp.hardware",
     "DeviceInfo": "autocomp.hardware",

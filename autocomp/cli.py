@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  autocomp search --budget 5ms --device cpu\n"
+            "  autocomp compress --model timm:resnet18 --weights w.pt --budget 5ms\n"
             "  autocomp measure --model model.onnx --device cpu --json\n"
             "  autocomp devices\n"
             "  autocomp data npz:data/fashion.npz --resolution 32\n"
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
     s.set_defaults(func=_serve)
     _add_predictor_parser(sub)
+    _add_compress_parser(sub)
     return parser
 
 
@@ -396,6 +398,218 @@ def _add_predictor_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--json", action="store_true", help="print the result as JSON. Example: --json")
     s.set_defaults(func=_predictor_predict)
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep ratios {text!r} are not like 0.25,0.5,1") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"keep ratios {text!r} must lie in (0, 1]")
+    return values
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits {text!r} are not like 8,32") from None
+    if not values or any(v not in (8, 32) for v in values):
+        raise argparse.ArgumentTypeError(f"bits {text!r}: ONNX Runtime runs 8 and 32 only")
+    return values
+
+
+def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress an existing model (pruning + int8) under a budget",
+        description=(
+            "Compress an existing model to meet BUDGET on DEVICE: a joint search over per-group "
+            "channel keep ratios (dependency-aware pruning) and per-layer int8/fp32 bits, then "
+            "distillation + QAT finetuning, QDQ ONNX export and verification on the device."
+        ),
+        epilog=(
+            "examples:\n"
+            "  autocomp compress --model timm:resnet18 --weights w.pt --data digits "
+            "--budget 5ms --device cpu\n"
+            "  autocomp compress --model timm:mobilenetv3_large_100 --weights w.pt "
+            "--budget 2ms,1MB --quick\n"
+            "  autocomp compress --model timm:resnet18 --weights w.pt --budget 100MFLOPs "
+            "--importance taylor --keep-ratios 0.5,0.75,1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the model: 'timm:NAME', built for the data's classes and channels without "
+        "downloading (pretrained=False). Example: --model timm:resnet18",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="state_dict file for the model (torch.load(weights_only=True); without it the "
+        "model has random weights). Example: --weights resnet18_digits.pt",
+    )
+    p.add_argument(
+        "--budget",
+        required=True,
+        help=f"upper bounds to meet; {ACCEPTED_FORMS}. FLOPs = 2·MACs. Example: --budget 5ms",
+    )
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--data", default="digits", help=DATA_HELP)
+    p.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=None,
+        help="input side the model is deployed at (default: the images' side, at least 32). "
+        "Example: --resolution 64",
+    )
+    p.add_argument(
+        "--keep-ratios",
+        type=_ratios,
+        default=(0.25, 0.5, 0.75, 1.0),
+        help="keep ratios each channel group chooses from (default 0.25,0.5,0.75,1). "
+        "Example: --keep-ratios 0.5,0.75,1",
+    )
+    p.add_argument(
+        "--bits",
+        type=_bits,
+        default=(8, 32),
+        help="bitwidths each conv/linear layer chooses from (default 8,32; 32: pruning only). "
+        "Example: --bits 32",
+    )
+    p.add_argument(
+        "--importance",
+        choices=("l1", "taylor", "fpgm"),
+        default="l1",
+        help="which channels go first: L1 magnitude, first-order Taylor, or FPGM (default l1). "
+        "Example: --importance taylor",
+    )
+    p.add_argument(
+        "--latency",
+        choices=("measure", "predict"),
+        default="measure",
+        help="how candidates' latency is known: measured on the device, or the kernel predictor "
+        "calibrated on a few measurements (default measure). Example: --latency predict",
+    )
+    p.add_argument(
+        "--tune-batches",
+        type=int,
+        default=0,
+        help="SGD steps (with distillation) on each candidate before scoring it (default 0: "
+        "BatchNorm recalibration only). Example: --tune-batches 20",
+    )
+    p.add_argument(
+        "--keep-layer",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="never prune this layer's output channels (repeatable; the classifier is always "
+        "kept). Example: --keep-layer conv_stem",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder (default runs/compress-<name>-<budget>, numbered when taken). "
+        "Example: --out runs/r18-2ms",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (or the latest default folder): reuses its Optuna study "
+        "and latency measurements. Example: --resume",
+    )
+    p.add_argument("--seed", type=int, default=0, help="one seed for everything. Example: --seed 1")
+    p.add_argument(
+        "--sampler",
+        choices=("tpe", "nsga2", "random"),
+        default="tpe",
+        help="search algorithm (default tpe). Example: --sampler nsga2",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=None,
+        help="policies evaluated (default 40, 16 with --quick). Example: --trials 100",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="finetuning epochs of the chosen policy, the last (up to 2) with QAT (default 12, "
+        "4 with --quick). Example: --epochs 8",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast demo: few trials, short finetune. Example: --quick",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage (default: SQLite in the run folder). Example: --storage study.log",
+    )
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument(
+        "--allow-over-budget",
+        action="store_true",
+        help="exit 0 even if the final model misses the budget as measured (it is still "
+        "reported loudly). Example: --allow-over-budget",
+    )
+    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
+    p.set_defaults(func=_compress)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    result = api.compress(
+        args.model,
+        data=args.data,
+        budget=args.budget,
+        device=args.device,
+        weights=args.weights,
+        resolution=args.resolution,
+        keep_ratios=args.keep_ratios,
+        bits=args.bits,
+        importance=args.importance,
+        latency=args.latency,
+        tune_batches=args.tune_batches,
+        ignored_layers=args.keep_layer,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        sampler=args.sampler,
+        trials=args.trials,
+        quick=args.quick,
+        epochs=args.epochs,
+        storage=args.storage,
+        threads=args.threads,
+        allow_over_budget=args.allow_over_budget,
+        progress=not args.json,
+    )
+    report = api.report(result.run_dir)
+    if args.json:
+        _print_json(report)
+    else:
+        original = report["compress"]["original"]
+        print(f"\nrun folder: {result.run_dir}")
+        print(
+            f"  {'original':<20} accuracy {100 * original['test_accuracy']:.2f}%, latency "
+            f"{original['latency_ms']:.3f} ms, {original['macs'] / 1e6:.4g}M MACs, "
+            f"{original['params'] / 1e6:.4g}M params"
+        )
+        for label, value in api.report_rows(report):
+            print(f"  {label:<20} {value}")
+        for note in report.get("notes", []):
+            print(f"  note: {note}")
+    if not result.meets_budget:
+        print(
+            f"autocomp: THE MODEL MISSES THE BUDGET AS MEASURED (see {result.run_dir}/report.json)",
+            file=sys.stderr,
+        )
+        return 0 if args.allow_over_budget else EXIT_OVER_BUDGET
+    return 0
 
 
 def _print_json(obj: object) -> None:

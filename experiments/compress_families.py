@@ -1,0 +1,232 @@
+"""Issue 7, acceptance 1 and 2: `autocomp compress` end to end on ten timm families.
+
+For each family: train the timm model (``pretrained=False``; in_chans=1, 10 classes) on ``digits``
+at 32×32 for a few epochs and save its state_dict (that is the user's "existing model"), measure
+its fp32 latency on the ``cpu`` device, then run ``compress`` with that state_dict as
+``--weights`` and a latency budget of ``--budget-share`` (default 0.8) × that latency (where
+``compress`` refuses that budget as unachievable — small networks whose latency is mostly fixed
+per-kernel overhead — the original's own fp32 latency is the budget, and the row says so).
+Printed per family: ok/fail, original and final latency against the budget, accuracy torch / ONNX,
+and the top-1 agreement of the ONNX model with the torch model on the test split (target ≥ 99%).
+
+    nice -n 5 .venv/bin/python experiments/compress_families.py            # all ten, ~1 hour
+    nice -n 5 .venv/bin/python experiments/compress_families.py --only resnet18 densenet121
+
+Results go to runs/compress-families/results.json (one entry per family; a family already there is
+not run again, so an interrupted run continues). Base models are cached beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autocomp import api, hardware  # noqa: E402
+from autocomp.data import load  # noqa: E402
+from autocomp.errors import AutocompError  # noqa: E402
+from autocomp.finetune import FinetuneConfig, finetune  # noqa: E402
+from autocomp.prune.models import timm_model  # noqa: E402
+from autocomp.quant.export import export_onnx  # noqa: E402
+from autocomp.supernet.train import evaluate  # noqa: E402
+
+FAMILIES = [
+    "resnet18",
+    "resnext26ts",
+    "regnetx_002",
+    "mobilenetv2_050",
+    "mobilenetv3_large_100",
+    "efficientnet_b0",
+    "ghostnet_050",
+    "mnasnet_050",
+    "densenet121",
+    "convnext_nano",
+]
+OUT = ROOT / "runs" / "compress-families"
+
+
+def train_base(
+    name: str, spec: str, resolution: int, epochs: int, path: Path, seed: int = 0, lr: float = 0.05
+) -> dict[str, float]:
+    """Train timm:NAME on the data spec (labels only) and save its state_dict to ``path``."""
+    data = load(spec)
+    fit = data.validation_split(0.2, seed=seed)
+    torch.manual_seed(seed)
+    model = timm_model(
+        f"timm:{name}", num_classes=data.num_classes, in_channels=data.input_shape[0]
+    )
+    start = time.perf_counter()
+    config = FinetuneConfig(
+        epochs=epochs, qat_epochs=0, lr=lr, kd_weight=0.0, patience=None, seed=seed
+    )
+    report = finetune(
+        model,
+        None,
+        (fit.x_train, fit.y_train),
+        (fit.x_test, fit.y_test),
+        config,
+        resolution=resolution,
+        progress=False,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return {
+        "val_accuracy": report.val_accuracy,
+        "test_accuracy": evaluate(model, (data.x_test, data.y_test), resolution),
+        "train_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def fp32_latency(name: str, spec: str, weights: Path, resolution: int) -> float:
+    """Measured median latency (ms) of the trained model exported in fp32 on the cpu device."""
+    data = load(spec)
+    model = timm_model(
+        f"timm:{name}",
+        num_classes=data.num_classes,
+        in_channels=data.input_shape[0],
+        weights=weights,
+    )
+    shape = (1, data.input_shape[0], resolution, resolution)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = [torch.as_tensor(data.x_train[:8])]
+        info = export_onnx(model, {}, shape, Path(tmp) / "m.onnx", calibration_batches=probe)
+        return hardware.get_device("cpu").measure(info.path, shape).median_ms
+
+
+def run_family(name: str, args: argparse.Namespace) -> dict:
+    folder = OUT / name
+    weights = folder / "base.pt"
+    row: dict = {"family": name, "load_before": os.getloadavg()[0]}
+    start = time.perf_counter()
+    with api._torch_threads(1):
+        if not weights.is_file():
+            row["base"] = train_base(name, args.data, args.resolution, args.base_epochs, weights)
+        original_ms = fp32_latency(name, args.data, weights, args.resolution)
+    run = folder / "run"
+    for share in (args.budget_share, 1.0):
+        budget = share * original_ms
+        row.update({"original_fp32_ms": original_ms, "budget_ms": budget, "budget_share": share})
+        shutil.rmtree(run, ignore_errors=True)
+        try:
+            result = api.compress(
+                f"timm:{name}",
+                args.data,
+                f"{budget:.4f}ms",
+                "cpu",
+                weights=weights,
+                resolution=args.resolution,
+                trials=args.trials,
+                epochs=args.epochs,
+                out=run,
+                allow_over_budget=True,
+                progress=False,
+            )
+            break
+        except AutocompError as err:
+            if "meets budget" not in str(err) or share == 1.0:
+                raise
+            row["refused"] = str(err)
+    report = json.loads((run / "report.json").read_text())
+    chosen = report["chosen"]
+    row.update(
+        {
+            "ok": True,
+            "meets_budget": result.meets_budget,
+            "measured_ms": chosen["latency_ms"]["measured"]["median_ms"],
+            "agreement": chosen["accuracy"]["agreement"],
+            "accuracy_torch": chosen["accuracy"]["torch"],
+            "accuracy_onnx": chosen["accuracy"]["onnx"],
+            "original_accuracy": report["compress"]["original"]["test_accuracy"],
+            "original_macs": report["compress"]["original"]["macs"],
+            "macs": chosen["macs"],
+            "int8_layers": sum(b == 8 for b in chosen["candidate"]["bits"].values()),
+            "layers": len(chosen["candidate"]["bits"]),
+            "groups": report["compress"]["groups"],
+            "skipped_groups": len(report["compress"]["skipped_groups"]),
+            "unsupported": report["compress"]["unsupported"],
+            "rounds": len(report["rounds"]),
+            "notes": report["notes"],
+            "timings_s": report["timings_s"],
+        }
+    )
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["load_after"] = os.getloadavg()[0]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=None, help="families to run")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--base-epochs", type=int, default=10)
+    parser.add_argument("--budget-share", type=float, default=0.8)
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rerun", action="store_true", help="run families already in results")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name in args.only or FAMILIES:
+        if name in results and not args.rerun:
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            results[name] = run_family(name, args)
+        except Exception as err:  # a failure is a result too
+            results[name] = {
+                "family": name,
+                "ok": False,
+                "error": f"{type(err).__name__}: {err}",
+                "trace": traceback.format_exc()[-2000:],
+            }
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        _print_row(results[name])
+    print()
+    print(
+        f"{'family':<22} {'ok':<4} {'orig ms':>8} {'budget':>8} {'final ms':>8} {'meets':>5} "
+        f"{'acc orig':>8} {'torch':>7} {'onnx':>7} {'agree':>7} {'MACs':>6} {'int8':>7}"
+    )
+    for name in FAMILIES:
+        if name in results:
+            _print_row(results[name], table=True)
+    rows = [r for r in results.values() if r.get("ok")]
+    print(
+        f"\n{len(rows)}/{len(results)} families ok; budget met in "
+        f"{sum(bool(r['meets_budget']) for r in rows)}; agreement ≥ 99% in "
+        f"{sum(r['agreement'] >= 0.99 for r in rows)}; load average now {os.getloadavg()}"
+    )
+    print("* budget = the original's fp32 latency: the default share was refused as unachievable")
+
+
+def _print_row(r: dict, table: bool = False) -> None:
+    if not r.get("ok"):
+        print(f"{r['family']:<22} FAIL {r['error'][:150]}")
+        return
+    if not table:
+        print(json.dumps({k: v for k, v in r.items() if k not in ("notes", "timings_s")}))
+        return
+    print(
+        f"{r['family']:<22} {'ok':<4} {r['original_fp32_ms']:8.3f} {r['budget_ms']:8.3f} "
+        f"{r['measured_ms']:8.3f} {'yes' if r['meets_budget'] else 'NO':>5}"
+        f"{'*' if r['budget_share'] == 1.0 else ' '}"
+        f"{100 * r['original_accuracy']:7.2f}% {100 * r['accuracy_torch']:6.2f}% "
+        f"{100 * r['accuracy_onnx']:6.2f}% {100 * r['agreement']:6.2f}% "
+        f"{r['macs'] / r['original_macs']:5.0%} {r['int8_layers']:>3}/{r['layers']:<3}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Issue 7, acceptance 3: autocomp's compression policy against its peers at one latency budget.
+
+On ``npz:experiments/data/digits_hard.npz`` (made by experiments/make_hard_digits.py; harder than
+``digits``) at 32×32, for resnet18 and mobilenetv3_large_100 (timm, ``pretrained=False``, trained
+here first — the "existing model"), with the latency budget B = ``--budget-share`` × the trained
+model's measured fp32 latency on the ``cpu`` device:
+
+* autocomp  — ``autocomp compress`` (joint per-group keep ratios + per-layer int8/fp32 search,
+  then ``--epochs`` of finetuning: KD from the original, the last ≤ 2 with QAT).
+* tp-l1     — Torch-Pruning, uniform L1 channel pruning (MetaPruner, every group at one ratio,
+  channels rounded to multiples of 8 like autocomp's), fp32; the largest uniform keep ratio
+  (0.05 steps) whose export measures ≤ B.
+* ort-ptq   — ONNX Runtime static int8 PTQ of the whole model (QDQ, per-channel weights, MinMax
+  calibration on 512 training images); no knob, so it meets B or not.
+* tp+ptq    — tp-l1 then ort-ptq: the largest uniform keep ratio whose int8 export measures ≤ B.
+
+Every method gets the same finetune epochs (``--epochs``) with the same recipe (KD from the
+original, selected on a validation split carved from the training data) and is scored on the
+test split with ONNX Runtime; each final model is measured on the device with the same timing.
+
+    nice -n 5 .venv/bin/python experiments/compress_peers.py   # both models, ~1 hour here
+
+Results: runs/compress-peers/results.json (per model and method; finished ones are kept, so an
+interrupted run continues) and the table printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from compress_families import fp32_latency, train_base  # noqa: E402
+
+from autocomp import api, hardware  # noqa: E402
+from autocomp.data import load  # noqa: E402
+from autocomp.finetune import FinetuneConfig, finetune  # noqa: E402
+from autocomp.prune.models import timm_model  # noqa: E402
+from autocomp.prune.pruning import output_layers  # noqa: E402
+from autocomp.prune.quantize import quantizable  # noqa: E402
+from autocomp.quant.export import export_onnx, onnx_accuracy  # noqa: E402
+from autocomp.supernet.train import calibration_batches  # noqa: E402
+
+DATA = "npz:experiments/data/digits_hard.npz"
+MODELS = ["resnet18", "mobilenetv3_large_100"]
+#: Training of the base models from scratch (epochs, SGD learning rate): mobilenetv3 learns
+#: nothing at 0.05 here (chance accuracy after 15 epochs) and slowly at 0.01.
+BASE = {"resnet18": (15, 0.05), "mobilenetv3_large_100": (40, 0.02)}
+METHODS = ["autocomp", "tp-l1", "ort-ptq", "tp+ptq"]
+OUT = ROOT / "runs" / "compress-peers"
+RATIOS = [round(1 - 0.05 * i, 2) for i in range(19)]  # 1.0 .. 0.1
+
+
+def _model(name: str, weights: Path, data) -> torch.nn.Module:
+    return timm_model(
+        f"timm:{name}",
+        num_classes=data.num_classes,
+        in_channels=data.input_shape[0],
+        weights=weights,
+    )
+
+
+def uniform_prune(model: torch.nn.Module, keep: float, r: int) -> torch.nn.Module:
+    """Torch-Pruning's uniform L1 pruning: every group keeps ``keep`` of its channels."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    if keep >= 1:
+        return model
+    example = torch.zeros(1, 1, r, r)
+    heads, _ = output_layers(model, example)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        pruning_ratio=1 - keep,
+        ignored_layers=[model.get_submodule(h) for h in heads],
+        round_to=8,
+    )
+    pruner.step()
+    return model
+
+
+def export(model, int8: bool, path: Path, r: int, calib) -> Path:
+    """fp32 ONNX, or ORT static int8 PTQ of every conv/linear (calibrated by ORT)."""
+    bits = {n: 8 for n, m in model.named_modules() if quantizable(m)} if int8 else {}
+    return export_onnx(model, bits, (1, 1, r, r), path, calibration_batches=calib).path
+
+
+def largest_ratio(model, int8: bool, budget: float, r: int, calib, quick_dev) -> tuple[float, dict]:
+    """The largest uniform keep ratio on the 0.05 grid whose export measures ≤ budget (bisection
+    on the grid; latency falls with the ratio)."""
+    seen: dict[float, float] = {}
+
+    def ms(keep: float) -> float:
+        if keep not in seen:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export(uniform_prune(model, keep, r), int8, Path(tmp) / "m.onnx", r, calib)
+                seen[keep] = quick_dev.measure(path, (1, 1, r, r)).median_ms
+        return seen[keep]
+
+    lo, hi = 0, len(RATIOS) - 1  # RATIOS descend: index 0 is the whole model
+    if ms(RATIOS[0]) <= budget:
+        return RATIOS[0], seen
+    if ms(RATIOS[hi]) > budget:
+        return RATIOS[hi], seen
+    while hi - lo > 1:  # invariant: RATIOS[lo] too slow, RATIOS[hi] fast enough
+        mid = (lo + hi) // 2
+        if ms(RATIOS[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return RATIOS[hi], seen
+
+
+def tune(model, teacher, fit, epochs: int, r: int, seed: int) -> dict:
+    """autocomp's fp32 finetune recipe: KD from the original, best epoch on validation."""
+    config = FinetuneConfig(epochs=epochs, qat_epochs=0, seed=seed, kd_weight=0.5)
+    report = finetune(
+        model,
+        teacher,
+        (fit.x_train, fit.y_train),
+        (fit.x_test, fit.y_test),
+        config,
+        resolution=r,
+        progress=False,
+    )
+    return {"val_accuracy": report.val_accuracy, "best_epoch": report.best_epoch}
+
+
+def run_baseline(method: str, name: str, weights: Path, budget: float, args) -> dict:
+    r = args.resolution
+    data = load(DATA)
+    fit = data.validation_split(0.2, seed=args.seed)
+    calib = calibration_batches(fit.x_train, seed=args.seed)
+    teacher = _model(name, weights, data)
+    quick_dev = hardware.get_device(
+        "cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
+    )
+    row: dict = {"method": method}
+    int8 = method in ("ort-ptq", "tp+ptq")
+    if method == "ort-ptq":
+        keep = 1.0
+    else:
+        keep, seen = largest_ratio(teacher, int8, budget, r, calib, quick_dev)
+        row["ratio_search_ms"] = seen
+    row["keep_ratio"] = keep
+    model = uniform_prune(teacher, keep, r)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    torch.manual_seed(args.seed)
+    row["finetune"] = tune(model, teacher, fit, args.epochs, r, args.seed)
+    folder = OUT / name / method
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    path = export(model, int8, folder / "model.onnx", r, calib)
+    # autocomp's verification protocol: a miss is measured again, the fastest of ≤ 3 medians
+    # counts (load from other processes inflates a whole measurement now and then).
+    medians = [hardware.get_device("cpu").measure(path, (1, 1, r, r)).median_ms]
+    while len(medians) < 3 and min(medians) > budget:
+        medians.append(hardware.get_device("cpu").measure(path, (1, 1, r, r)).median_ms)
+    row.update(
+        {
+            "measured_ms": min(medians),
+            "measurements_ms": medians,
+            "meets_budget": min(medians) <= budget,
+            "accuracy_onnx": onnx_accuracy(path, (data.x_test, data.y_test), r),
+        }
+    )
+    return row
+
+
+def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
+    run = OUT / name / "autocomp"
+    shutil.rmtree(run, ignore_errors=True)
+    result = api.compress(
+        f"timm:{name}",
+        DATA,
+        f"{budget:.4f}ms",
+        "cpu",
+        weights=weights,
+        resolution=args.resolution,
+        trials=args.trials,
+        epochs=args.epochs,
+        seed=args.seed,
+        out=run,
+        allow_over_budget=True,
+        progress=False,
+    )
+    report = json.loads((run / "report.json").read_text())
+    chosen = report["chosen"]
+    widths = chosen["candidate"]["widths"]
+    return {
+        "method": "autocomp",
+        "measured_ms": chosen["latency_ms"]["measured"]["median_ms"],
+        "meets_budget": result.meets_budget,
+        "accuracy_onnx": chosen["accuracy"]["onnx"],
+        "accuracy_torch": chosen["accuracy"]["torch"],
+        "agreement": chosen["accuracy"]["agreement"],
+        "params": chosen["params"],
+        "mean_keep_ratio": sum(widths.values()) / max(1, len(widths)),
+        "int8_layers": sum(b == 8 for b in chosen["candidate"]["bits"].values()),
+        "layers": len(chosen["candidate"]["bits"]),
+        "rounds": len(report["rounds"]),
+        "timings_s": report["timings_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=None, help="models to run")
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--budget-share", type=float, default=0.5)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rerun", action="store_true")
+    args = parser.parse_args()
+    if not (ROOT / "experiments" / "data" / "digits_hard.npz").is_file():
+        raise SystemExit("run experiments/make_hard_digits.py first")
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for name in args.only or MODELS:
+        entry = results.setdefault(name, {"methods": {}})
+        weights = OUT / name / "base.pt"
+        with api._torch_threads(1):
+            if not weights.is_file():
+                epochs, lr = BASE[name]
+                entry["base"] = train_base(name, DATA, args.resolution, epochs, weights, lr=lr)
+                entry.pop("original_fp32_ms", None)
+            if "original_fp32_ms" not in entry:
+                entry["original_fp32_ms"] = fp32_latency(name, DATA, weights, args.resolution)
+        entry["budget_ms"] = args.budget_share * entry["original_fp32_ms"]
+        for method in args.methods:
+            if method in entry["methods"] and entry["methods"][method].get("ok") and not args.rerun:
+                continue
+            print(f"== {name} {method}", flush=True)
+            start = time.perf_counter()
+            try:
+                with api._torch_threads(1):
+                    if method == "autocomp":
+                        row = run_autocomp(name, weights, entry["budget_ms"], args)
+                    else:
+                        row = run_baseline(method, name, weights, entry["budget_ms"], args)
+                row["ok"] = True
+            except Exception as err:
+                row = {"method": method, "ok": False, "error": f"{type(err).__name__}: {err}"}
+                row["trace"] = traceback.format_exc()[-2000:]
+            row["wall_s"] = round(time.perf_counter() - start, 1)
+            row["load"] = os.getloadavg()[0]
+            entry["methods"][method] = row
+            path.write_text(json.dumps(results, indent=2, default=str))
+            print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str))
+    _table(results)
+
+
+def _table(results: dict) -> None:
+    print(
+        f"\n{'model':<22} {'method':<9} {'budget':>7} {'ms':>7} {'meets':>5} "
+        f"{'acc ONNX':>8} {'Δ vs autocomp':>13}  detail"
+    )
+    for name, entry in results.items():
+        ours = entry["methods"].get("autocomp", {})
+        for method in METHODS:
+            row = entry["methods"].get(method)
+            if row is None:
+                continue
+            if not row.get("ok"):
+                print(f"{name:<22} {method:<9} FAIL {row['error'][:120]}")
+                continue
+            delta = ""
+            if ours.get("ok") and method != "autocomp":
+                delta = f"{100 * (ours['accuracy_onnx'] - row['accuracy_onnx']):+.2f} pt"
+            detail = (
+                f"mean keep {row['mean_keep_ratio']:.2f}, {row['int8_layers']}/{row['layers']} "
+                f"int8, agreement {100 * row['agreement']:.2f}%"
+                if method == "autocomp"
+                else f"keep {row['keep_ratio']:.2f}"
+            )
+            print(
+                f"{name:<22} {method:<9} {entry['budget_ms']:7.3f} {row['measured_ms']:7.3f} "
+                f"{'yes' if row['meets_budget'] else 'NO':>5} {100 * row['accuracy_onnx']:7.2f}% "
+                f"{delta:>13}  {detail}"
+            )
+    print(f"(Δ: autocomp's accuracy minus the method's; load average now {os.getloadavg()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Issue 6, acceptance 4: does the joint search beat uniform width scaling at the same latency?
+
+On a dataset harder than ``digits`` (default: experiments/data/digits_hard.npz, made by
+experiments/make_hard_digits.py), under one measured latency budget on the ``cpu`` device:
+
+* **searched**: ``autocomp search`` end to end (its run folder is kept and reused on re-runs);
+* **uniform**: the space's full network (deepest stages, largest kernels and expansions, highest
+  resolution) scaled by one width knob for all layers — every stage at the same width choice and
+  every layer at the same keep ratio — once all fp32 and once all int8. For each precision the
+  widest scaling whose *measured* latency meets the budget is taken.
+
+Both sides get the same treatment after the choice: weights inherited from the same supernet,
+then the same finetune (epochs, distillation from the largest subnet, QAT of the int8 layers),
+export and on-device verification as the pipeline does. So the table isolates what the joint
+choice of architecture, per-layer widths and bits buys over a width multiplier.
+
+    python experiments/make_hard_digits.py    # once
+    python experiments/search_vs_uniform.py [--budget 2ms] [--quick]
+Exit status 1 when the searched model is less accurate (test split) than the best uniform one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from autocomp import api, data, hardware
+from autocomp.budget import Budget
+from autocomp.latency.space import SpaceLatency
+from autocomp.supernet.train import calibration_batches, evaluate_subnet
+
+DATA = "npz:experiments/data/digits_hard.npz"
+
+
+def uniform(space, width_index: int, keep: float, bits: int):
+    """The full network with every stage at width choice ``width_index`` and every layer's keep
+    ratio ``keep``, all layers at ``bits``."""
+    values = space.values(space.largest())
+    for p in space.params:
+        if p.name.startswith("arch.width.") and p.name in values:
+            values[p.name] = p.choices[min(width_index, len(p.choices) - 1)]
+        elif p.name.startswith("widths.") and p.name in values:
+            values[p.name] = keep
+        elif p.name.startswith("bits.") and p.name in values:
+            values[p.name] = bits
+    return space.from_values(values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--budget", default="2ms")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/search-vs-uniform"))
+    args = parser.parse_args()
+    budget = Budget.parse(args.budget)
+    if budget.latency_ms is None:
+        parser.error("--budget must be a latency budget")
+    out = args.out / args.budget
+
+    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    searched = api.search(
+        args.data,
+        budget,
+        "cpu",
+        out=out,
+        resume=(out / "config.json").exists(),
+        quick=args.quick,
+        seed=args.seed,
+        progress=False,
+    )
+    print(f"search: {time.perf_counter() - start:.0f} s (load at start {load:.1f})", flush=True)
+
+    # The same context the pipeline built: data split, BN batches, supernet, latency model.
+    dataset = data.load(args.data)
+    space = api.space_for("mbv3", dataset)
+    effort = api.Effort.of(args.quick)
+    fit_part = dataset.validation_split(0.2, seed=args.seed)
+    bn_batches = calibration_batches(fit_part.x_train, seed=args.seed)
+    val_split = (fit_part.x_test, fit_part.y_test)
+    with api._torch_threads(1):
+        net = api._supernet(space, fit_part, effort, args.seed, out, out / "supernet.pt", False)
+        device = hardware.get_device("cpu")
+        latency = SpaceLatency.fit(
+            space,
+            hardware.get_device("cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20)),
+            api._to_onnx(space, bn_batches),
+            effort.latency_samples,
+            seed=args.seed,
+            progress=False,
+        )
+
+        def evaluate_fn(candidate):
+            return evaluate_subnet(net, candidate, bn_batches, val_split)
+
+        rows = [("searched", searched.metrics["candidate"], searched.metrics)]
+        keeps = sorted({v for p in space.params if p.kind == "keep" for v in p.choices})
+        for bits in (32, 8):
+            grid = [uniform(space, w, keep, bits) for w in range(3) for keep in keeps]
+            grid.sort(key=lambda c: space.cost(c).macs, reverse=True)
+            predicted = dict(zip((c.key() for c in grid), latency.predict(grid), strict=True))
+            chosen = None
+            for cand in grid:  # widest first; measure those the model says may fit
+                if predicted[cand.key()] > 1.3 * budget.latency_ms:
+                    continue
+                if latency.measure(cand) <= budget.latency_ms:
+                    chosen = cand
+                    break
+            if chosen is None:
+                print(f"uniform {bits}-bit: no width scaling meets {args.budget}")
+                continue
+            model, _ = api._finetune(
+                space, net, chosen, fit_part, bn_batches, evaluate_fn, effort, args.seed, False
+            )
+            verdict = api._export_and_verify(
+                model,
+                chosen,
+                space.cost(chosen).to_dict(),
+                dataset,
+                bn_batches,
+                device,
+                budget,
+                out / f"uniform-{bits}bit",
+            )
+            metrics = {
+                "accuracy": verdict["accuracy"],
+                "latency_ms": {"measured": verdict["measured"]},
+                "macs": space.cost(chosen).macs,
+            }
+            rows.append((f"uniform {bits}-bit", chosen.to_dict(), metrics))
+
+    print(f"\ndata {args.data}, budget {args.budget} on cpu (1 thread), test split")
+    print(f"{'model':<15} {'res':>4} {'MMACs':>7} {'meas ms':>8} {'torch':>7} {'onnx':>7}")
+    for name, cand, m in rows:
+        print(
+            f"{name:<15} {cand['resolution']:>4} {m['macs'] / 1e6:>7.2f} "
+            f"{m['latency_ms']['measured']['median_ms']:>8.3f} {m['accuracy']['torch']:>7.2%} "
+            f"{m['accuracy']['onnx']:>7.2%}"
+        )
+    best_uniform = max((m["accuracy"]["onnx"] for _, _, m in rows[1:]), default=0.0)
+    margin = rows[0][2]["accuracy"]["onnx"] - best_uniform
+    print(f"searched - best uniform (ONNX test accuracy): {margin:+.2%}")
+    return 0 if margin >= 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
