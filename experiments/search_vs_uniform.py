@@ -15,7 +15,11 @@ export and on-device verification as the pipeline does. So the table isolates wh
 choice of architecture, per-layer widths and bits buys over a width multiplier.
 
     python experiments/make_hard_digits.py    # once
-    python experiments/search_vs_uniform.py [--budget 2ms] [--quick]
+    python experiments/search_vs_uniform.py [--budget 2ms] [--quick] [--supernet CKPT]
+
+``--supernet`` shares a checkpoint trained with the same defaults on the same data (e.g. the one
+experiments/ranking_fidelity.py leaves in runs/ranking_fidelity/), as ``autocomp search
+--supernet`` does; without it the search trains its own.
 Exit status 1 when the searched model is less accurate (test split) than the best uniform one.
 """
 
@@ -56,6 +60,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/search-vs-uniform"))
+    parser.add_argument("--supernet", type=Path, help="a trained checkpoint to share (as search's)")
     args = parser.parse_args()
     budget = Budget.parse(args.budget)
     if budget.latency_ms is None:
@@ -73,6 +78,7 @@ def main() -> int:
         quick=args.quick,
         seed=args.seed,
         progress=False,
+        supernet=args.supernet,
     )
     print(f"search: {time.perf_counter() - start:.0f} s (load at start {load:.1f})", flush=True)
 
@@ -84,7 +90,8 @@ def main() -> int:
     bn_batches = calibration_batches(fit_part.x_train, seed=args.seed)
     val_split = (fit_part.x_test, fit_part.y_test)
     with api._torch_threads(1):
-        net = api._supernet(space, fit_part, effort, args.seed, out, out / "supernet.pt", False)
+        checkpoint = args.supernet or out / "supernet.pt"
+        net = api._supernet(space, fit_part, effort, args.seed, out, checkpoint, False)
         device = hardware.get_device("cpu")
         latency = SpaceLatency.fit(
             space,
