@@ -187,6 +187,14 @@ def fit_nonnegative(A: np.ndarray, t: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
+def regressor_key(kernel: Kernel) -> str:
+    """Which regressor predicts ``kernel``: its :attr:`~Kernel.key`, with ORT's fused variants
+    of a kernel (``ms.FusedConv`` = ``Conv`` + activation, ``ms.FusedGemm``) pooled with the
+    plain one, since they run the same MLAS routine and the activation is a feature."""
+    key = kernel.key
+    return key.replace("ms.Fused", "", 1) if key.startswith("ms.Fused") else key
+
+
 def kernel_work(X: np.ndarray) -> np.ndarray:
     """Work of each kernel row of :func:`feature_matrix`: MACs plus elements read and written
     (weights included), plus a constant for the fixed cost of a call."""
@@ -271,7 +279,7 @@ class KernelPredictor(_Predictor):
                 "no kernel has a measured time: build the dataset with 'autocomp measure --out'"
             )
         X, t = np.vstack(rows), np.asarray(times)
-        keys = np.asarray([k.key for k in kernels])
+        keys = np.asarray([regressor_key(k) for k in kernels])
         names, counts = np.unique(keys, return_counts=True)
         self.keys_ = sorted(
             str(k) for k, c in zip(names, counts, strict=True) if c >= self.min_samples
@@ -339,7 +347,8 @@ class KernelPredictor(_Predictor):
         if not kernels:
             return np.zeros(0)
         X = feature_matrix(list(kernels))
-        keys = np.asarray([k.key if k.key in self.models_ else FALLBACK for k in kernels])
+        keys = [regressor_key(k) for k in kernels]
+        keys = np.asarray([k if k in self.models_ else FALLBACK for k in keys])
         out = np.zeros(len(kernels))
         log_work = np.log(kernel_work(X))
         for key in np.unique(keys):

@@ -24,6 +24,7 @@ from autocomp.latency.predictors import (
     KernelPredictor,
     _apply_overhead,
     _fit_overhead,
+    regressor_key,
     timed_kernels,
 )
 
@@ -68,7 +69,9 @@ def adapt(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> KernelPr
         ]
     )
     x, r = np.log(base), np.log(measured) - np.log(base)
-    keys = np.asarray([k.key if k.key in prior.models_ else FALLBACK for k in kernels])
+    keys = np.asarray(
+        [key if key in prior.models_ else FALLBACK for key in map(regressor_key, kernels)]
+    )
     w = base / base.sum()  # the correction should be right where the time goes
     glob = _weighted_line(x, r, w, np.zeros(2), 1e-3)
     adapted.correction_[FALLBACK] = glob
