@@ -492,7 +492,14 @@ def compress(
             # faster (Q/DQ overhead can outweigh int8 kernels on small layers).
             floor = {b: lat.measure(space_obj.smallest(bits=b)) for b in space_obj.bit_choices}
             space_obj.smallest_bits = min(floor, key=floor.get)
-            if len(floor) > 1 and floor[8] > floor[32] and budget.size_bytes is None:
+            # A bits-only space (no channel group) keeps its int8 choices even then: without
+            # them nothing would be left to search, and single layers may still gain.
+            if (
+                len(floor) > 1
+                and floor[8] > floor[32]
+                and budget.size_bytes is None
+                and space_obj.groups
+            ):
                 whole8 = lat.measure(space_obj.largest(bits=8))
                 if whole8 > original_ms:  # int8 made both ends slower: offer fp32 only
                     space_notes.append(

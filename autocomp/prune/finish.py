@@ -8,6 +8,9 @@ fake-quantized with freshly calibrated ranges) and score the validation split.
 Finishing: the same start, then :func:`autocomp.finetune.finetune` in two calls — fp32 epochs
 with knowledge distillation from the original model, then BatchNorm folded and the int8 layers'
 quantization-aware epochs — so that what is trained last is exactly what the QDQ export computes.
+At least one epoch is fp32: a pruned network has lost accuracy that only training recovers, and
+QAT (at a tenth of the learning rate, and only where layers are int8) does not. The fp32 epochs
+use :func:`recovery_config`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,27 @@ def few_batch_tune(
     return model.eval()
 
 
+def recovery_config(epochs: int, teacher: nn.Module | None, seed: int = 0) -> FinetuneConfig:
+    """The fp32 finetune of a freshly pruned network: KD from ``teacher`` (if any), learning rate
+    0.02 after a quarter-epoch warmup.
+
+    Why not the subnet finetune's defaults (0.01 after a one-epoch warmup): a pruned network
+    starts from trained weights far from its optimum, and a one-epoch warmup is a whole short
+    finetune spent below full rate. On digits, test_resnet trained to 97% and uniformly pruned to
+    half its channels recovers to 63-65% test accuracy in one epoch with these settings, against
+    32-34% with the defaults (94-95% vs 88-89% in three epochs; keeping 3/4 of the channels: 96%
+    vs 88-92% in one epoch).
+    """
+    return FinetuneConfig(
+        epochs=epochs,
+        qat_epochs=0,
+        lr=0.02,
+        warmup_epochs=0.25,
+        seed=seed,
+        kd_weight=0.5 if teacher is not None else 0.0,
+    )
+
+
 def finish(
     space: Any,
     candidate: Candidate,
@@ -110,22 +134,17 @@ def finish(
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Finetune the candidate's pruned network (KD from ``teacher``, then QAT of its int8
-    layers) on ``fit_part``'s training split, selecting on its validation split."""
+    layers) on ``fit_part``'s training split, selecting on its validation split. ``epochs``
+    counts both phases; ``qat_epochs`` of them are QAT, leaving at least one fp32 epoch."""
     r = candidate.resolution
     train, val = (fit_part.x_train, fit_part.y_train), (fit_part.x_test, fit_part.y_test)
     net = space.build(candidate)
     recalibrate_bn(net, (view(b, r) for b in bn_batches))
     report: dict[str, Any] = {}
-    fp32_epochs = max(0, epochs - qat_epochs)
-    if fp32_epochs:
-        config = FinetuneConfig(
-            epochs=fp32_epochs,
-            qat_epochs=0,
-            seed=seed,
-            kd_weight=0.5 if teacher is not None else 0.0,
-        )
-        done = finetune(net, teacher, train, val, config, resolution=r, progress=progress)
-        report["fp32"] = done.to_dict()
+    qat_epochs = max(0, min(qat_epochs, epochs - 1))  # at least one fp32 epoch (module doc)
+    config = recovery_config(epochs - qat_epochs, teacher, seed)
+    done = finetune(net, teacher, train, val, config, resolution=r, progress=progress)
+    report["fp32"] = done.to_dict()
     space.deploy(net, candidate)
     if _has_int8(net) and qat_epochs:
         config = FinetuneConfig(
