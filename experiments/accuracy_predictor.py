@@ -1,22 +1,32 @@
 """How well the accuracy predictor ranks candidates it has not seen (target: Kendall τ ≥ 0.8).
 
 Random candidates of the mbv3-digits space (see search_setup.py) are scored directly — supernet
-weights, BN recalibration on training-split images, accuracy on the validation split — and each
-predictor kind is fitted on the first n and judged by Kendall τ against the direct scores of the
-held-out rest. The features are ``candidate_features`` (``encode()`` plus per-layer channels and
-MACs); ``gbdt`` on ``encode()`` alone is printed too, for comparison.
+weights, BN recalibration on training-split images, the validation split — image by image: top-1
+``accuracy`` (what ``evaluate_subnet`` returns and the search maximises) and, as candidate
+less noisy targets, ``soft_accuracy`` (mean softmax probability of the true class) and the
+negative cross-entropy. For each, every predictor kind is fitted on the first n candidates and
+judged by Kendall τ against the direct scores of the held-out rest. The features are
+``candidate_features``; ``gbdt`` on ``encode()`` alone is printed too.
 
-Also printed, for the held-out candidates, what limits any predictor:
+Also printed per target, for the held-out candidates:
 
-- the BN floor: the same candidates scored with another BN calibration subset;
 - the split-half reliability: each candidate scored on two random halves of the validation images
   (copies of one source digit stay together), averaged over 50 splits. From it, under a bivariate
   normal model (τ = 2/π·asin r, Spearman–Brown for the full set), the τ that an oracle of each
-  candidate's *expected* accuracy would reach against the direct score: no predictor can expect
-  to beat it;
-- MACs alone.
+  candidate's *expected* score would reach against the direct score: no predictor can expect to
+  beat it. On digits_hard also the ceiling with fewer copies of the validation digits, and the
+  one extrapolated to unlimited copies;
+- how well the target on one half ranks the candidates by top-1 accuracy on the other half: a
+  less noisy target is a better thing for the search to maximise only if this beats accuracy's
+  own split-half τ;
+- MACs alone;
+- on digits_hard, ``gbdt`` at the largest n trained on scores from only the first 1, 2, …
+  copies: how much cleaner training labels alone buy;
+- with ``--bn-floor``, the same candidates scored with another BN calibration subset.
 
-    nice -n 5 python experiments/accuracy_predictor.py [--candidates 400] [--held-out 100]
+Per-image results are cached beside the supernet (``per-image-*.npz``), so re-runs only refit.
+
+    nice -n 10 python experiments/accuracy_predictor.py [--candidates 400] [--held-out 100]
 """
 
 from __future__ import annotations
@@ -27,41 +37,71 @@ import time
 
 import numpy as np
 import torch
-from search_setup import setting, validation_copies
+from search_setup import RUN, setting, validation_copies
 
 from autocomp.search import AccuracyPredictor, candidate_features, kendall_tau
 from autocomp.search.accuracy import KINDS
-from autocomp.supernet.train import calibration_batches, evaluate_subnet, view
+from autocomp.supernet.train import calibration_batches, subnet_logits
+
+#: Per-image values whose mean over the validation images is each score.
+TARGETS = ("accuracy", "soft_accuracy", "-cross-entropy")
 
 
-def correct_per_image(evaluate, candidate, bn) -> np.ndarray:
-    """0/1 per validation image for ``candidate`` with BN recalibrated on ``bn``: the same
-    procedure as ``evaluate_subnet`` (which sets the candidate up), keeping every image's result."""
+def per_image(evaluate, candidate, bn) -> np.ndarray:
+    """(3, images) float32: correct (0/1), probability and log-probability of the true class, for
+    ``candidate`` with BN recalibrated on ``bn``; the first row is what ``evaluate_subnet``
+    averages, from the same forward pass (``subnet_logits``)."""
     x, y = (torch.as_tensor(a) for a in evaluate.split)
-    supernet = evaluate.supernet
-    evaluate_subnet(supernet, candidate, bn, (x[:1], y[:1]))  # activate, recalibrate
-    supernet.eval()
-    with torch.no_grad():
-        hits = [
-            supernet(view(xb, candidate.resolution)).argmax(1) == yb
-            for xb, yb in zip(x.split(256), y.split(256), strict=True)
-        ]
-    return torch.cat(hits).numpy().astype(np.float64)
+    logits = subnet_logits(evaluate.supernet, candidate, bn, x).double()
+    logp = logits.log_softmax(1).gather(1, y[:, None])[:, 0]
+    return torch.stack([(logits.argmax(1) == y).double(), logp.exp(), logp]).float().numpy()
 
 
-def split_half(correct: np.ndarray, groups: np.ndarray, splits: int = 50) -> tuple[float, float]:
-    """Mean τ between the accuracies on two halves of the images (split by group), and the
-    oracle ceiling it implies for the full set (see the module docstring)."""
-    rng = np.random.default_rng(0)
+def scored(evaluate, candidates, bn, path) -> np.ndarray:
+    """(candidates, 3, images) per-image results, cached in ``path`` by candidate key."""
+    cache = dict(np.load(path)) if path.exists() else {}
+    todo = [c for c in candidates if c.key() not in cache]
+    for done, candidate in enumerate(todo, 1):
+        cache[candidate.key()] = per_image(evaluate, candidate, bn)
+        if done % 25 == 0 or done == len(todo):
+            np.savez(path.with_suffix(".tmp.npz"), **cache)
+            os.replace(path.with_suffix(".tmp.npz"), path)
+    return np.stack([cache[c.key()] for c in candidates])
+
+
+def split_half(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean τ between the scores on two halves of the images (split by group), and the
+    reliability (share of the score's variance across candidates that is not noise) it implies
+    for the full set (see the module docstring)."""
+    tau = float(np.mean([kendall_tau(a.mean(1), b.mean(1)) for a, b in halves(values, groups)]))
+    r_half = np.sin(np.pi / 2 * tau)
+    return tau, float(2 * r_half / (1 + r_half))
+
+
+def ceiling(reliability: float) -> float:
+    """τ of an oracle of the expected score against a score of this reliability."""
+    return float(2 / np.pi * np.arcsin(np.sqrt(reliability)))
+
+
+def by_copies(values: np.ndarray, groups: np.ndarray, copies: int) -> tuple[list[float], float]:
+    """Ceilings with the first 1, 2, … ``copies`` copies of each validation digit, and the one
+    with unlimited copies of these digits: 1/reliability − 1 = d + c/m fitted over the m."""
+    per = len(groups) // copies
+    ms = np.arange(1, copies + 1)
+    reliabilities = [split_half(values[:, : m * per], groups[: m * per])[1] for m in ms]
+    d, _ = np.linalg.lstsq(
+        np.stack([np.ones(len(ms)), 1 / ms], 1), 1 / np.array(reliabilities) - 1, rcond=None
+    )[0]
+    return [ceiling(r) for r in reliabilities], ceiling(1 / (1 + max(d, 0.0)))
+
+
+def halves(values: np.ndarray, groups: np.ndarray, splits: int = 50, seed: int = 0):
+    """``splits`` random (first half, second half) column splits of ``values``, by group."""
+    rng = np.random.default_rng(seed)
     ids = np.unique(groups)
-    taus = []
     for _ in range(splits):
         half = np.isin(groups, rng.permutation(ids)[: len(ids) // 2])
-        taus.append(kendall_tau(correct[:, half].mean(1), correct[:, ~half].mean(1)))
-    tau = float(np.mean(taus))
-    r_half = np.sin(np.pi / 2 * tau)
-    reliability = 2 * r_half / (1 + r_half)
-    return tau, float(2 / np.pi * np.arcsin(np.sqrt(reliability)))
+        yield values[..., half], values[..., ~half]
 
 
 def main() -> None:
@@ -69,6 +109,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=400)
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bn-floor", action="store_true", help="re-score with another BN subset")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -77,46 +118,85 @@ def main() -> None:
     candidates = list(
         {c.key(): c for c in (space.sample(rng) for _ in range(args.candidates))}.values()
     )
+    copies = validation_copies()
+    test = slice(len(candidates) - args.held_out, None)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    y = np.array([evaluate(c) for c in candidates])
+    path = RUN / f"per-image-{copies}copies.npz"
+    scored(evaluate, candidates[test], evaluate.bn, path)  # first: what an interrupted run judges
+    images = scored(evaluate, candidates, evaluate.bn, path)
+    scores = images.mean(2, dtype=np.float64)  # (candidates, target)
+    cached = [evaluate.cache.get(c.key()) for c in candidates]
+    agree = sum(a is not None and a == s for a, s in zip(cached, scores[:, 0], strict=True))
     print(
         f"{len(candidates)} candidates scored directly on {len(evaluate.split[1])} validation "
-        f"images ({validation_copies()} copies of {len(np.unique(evaluate.groups))}); "
-        f"{evaluate.calls} new evaluations, {time.perf_counter() - start:.0f} s, load average "
-        f"{load:.1f} → {os.getloadavg()[0]:.1f}; accuracy min {y.min():.4f} median "
-        f"{np.median(y):.4f} max {y.max():.4f}, {len(np.unique(y))} distinct values"
+        f"images ({copies} copies of {len(np.unique(evaluate.groups))}), "
+        f"{time.perf_counter() - start:.0f} s, load average {load:.1f} → "
+        f"{os.getloadavg()[0]:.1f}; accuracy equal to the search cache's for "
+        f"{agree} of {sum(a is not None for a in cached)} cached"
     )
+    for t, name in enumerate(TARGETS):
+        y = scores[:, t]
+        print(
+            f"  {name:<15} min {y.min():.4f} median {np.median(y):.4f} max {y.max():.4f}, "
+            f"{len(np.unique(y))} distinct values"
+        )
+
     X = candidate_features(space, candidates)
     E = space.encode(candidates)
-    test = slice(len(candidates) - args.held_out, None)
-    y_test = y[test]
-
-    # What limits any predictor: the held-out candidates re-scored with another BN subset, image
-    # by image, for the split-half reliability of the validation set.
-    other_bn = calibration_batches(data.x_train, count=512, batch_size=128, seed=1)
-    correct = np.stack([correct_per_image(evaluate, c, other_bn) for c in candidates[test]])
-    half_tau, ceiling = split_half(correct, evaluate.groups)
+    held = images[test]
     macs = np.array([space.cost(c).macs for c in candidates[test]])
-    print(f"\nheld-out: {args.held_out} candidates")
-    for label, tau in (
-        ("direct evaluation vs itself (another BN subset)", kendall_tau(correct.mean(1), y_test)),
-        ("validation split-half reliability (50 splits)", half_tau),
-        ("ceiling: oracle of expected accuracy vs direct score", ceiling),
-        ("MACs alone", kendall_tau(macs, y_test)),
-    ):
-        print(f"  {label + ':':<54}τ = {tau:.3f}")
-
+    other = None
+    if args.bn_floor:
+        other_bn = calibration_batches(data.x_train, count=512, batch_size=128, seed=1)
+        other = np.stack([per_image(evaluate, c, other_bn) for c in candidates[test]])
+        other = other.mean(2, dtype=np.float64)
     sizes = [n for n in (25, 50, 100, 200, 300, 500, 800) if n <= len(candidates) - args.held_out]
-    print(f"\n{'kind':<14}" + "".join(f"{f'n={n}':>9}" for n in sizes) + f"{'fit s':>8}")
     rows = [(kind, kind, X) for kind in KINDS] + [("gbdt encode()", "gbdt", E)]
-    for label, kind, features in rows:
-        taus, fit_s = [], 0.0
-        for n in sizes:
-            t = time.perf_counter()
-            predictor = AccuracyPredictor(kind, seed=args.seed).fit(features[:n], y[:n])
-            fit_s = time.perf_counter() - t
-            taus.append(predictor.score(features[test], y_test))
-        print(f"{label:<14}" + "".join(f"{tau:>9.3f}" for tau in taus) + f"{fit_s:>8.2f}")
+    for t, name in enumerate(TARGETS):
+        y, y_test = scores[:, t], scores[test, t]
+        half_tau, reliability = split_half(held[:, t], evaluate.groups)
+        pairs = halves(held, evaluate.groups)
+        vs_acc = np.mean([kendall_tau(a[:, t].mean(1), b[:, 0].mean(1)) for a, b in pairs])
+        print(f"\ntarget {name}, held-out: {args.held_out} candidates")
+        lines = [
+            ("validation split-half reliability (50 splits)", half_tau),
+            ("ceiling: oracle of expected score vs direct score", ceiling(reliability)),
+            ("this score on one half vs accuracy on the other", vs_acc),
+            ("MACs alone", kendall_tau(macs, y_test)),
+        ]
+        if other is not None:
+            floor = kendall_tau(other[:, t], y_test)
+            lines.insert(0, ("direct evaluation vs itself (another BN subset)", floor))
+        for label, tau in lines:
+            print(f"  {label + ':':<54}τ = {tau:.3f}")
+        if copies > 1:
+            ceilings, unlimited = by_copies(held[:, t], evaluate.groups, copies)
+            print(
+                f"  ceiling with 1..{copies} copies: "
+                + " / ".join(f"{c:.3f}" for c in ceilings)
+                + f"; unlimited copies (extrapolated): {unlimited:.3f}"
+            )
+        print(f"{'kind':<16}" + "".join(f"{f'n={n}':>9}" for n in sizes) + f"{'fit s':>8}")
+        for label, kind, features in rows:
+            taus, fit_s = [], 0.0
+            for n in sizes:
+                t0 = time.perf_counter()
+                predictor = AccuracyPredictor(kind, seed=args.seed).fit(features[:n], y[:n])
+                fit_s = time.perf_counter() - t0
+                taus.append(predictor.score(features[test], y_test))
+            print(f"{label:<16}" + "".join(f"{tau:>9.3f}" for tau in taus) + f"{fit_s:>8.2f}")
+        if copies > 1:  # how much cleaner training labels alone would give
+            n, per = sizes[-1], len(evaluate.groups) // copies
+            taus = [
+                AccuracyPredictor("gbdt", seed=args.seed)
+                .fit(X[:n], images[:n, t, : m * per].mean(1, dtype=np.float64))
+                .score(X[test], y_test)
+                for m in range(1, copies + 1)
+            ]
+            print(
+                f"gbdt, n={n}, trained on the scores from 1..{copies} copies: "
+                + " / ".join(f"{tau:.3f}" for tau in taus)
+            )
 
 
 if __name__ == "__main__":

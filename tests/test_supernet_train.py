@@ -338,7 +338,12 @@ def test_evaluate_subnet_scores_what_build_extracts(space, digits):
     assert accuracy == evaluate(standalone, test, candidate.resolution)
     x = view(torch.from_numpy(digits.x_test), candidate.resolution)
     with torch.no_grad():
-        torch.testing.assert_close(standalone(x), supernet.eval()(x), rtol=1e-4, atol=1e-4)
+        expected = standalone(x)
+        torch.testing.assert_close(expected, supernet.eval()(x), rtol=1e-4, atol=1e-4)
+    # Per image, the outputs behind the score are the extracted network's.
+    logits = train.subnet_logits(supernet, candidate, calibration_batches(digits.x_train), test[0])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert float((logits.argmax(1) == torch.from_numpy(test[1])).double().mean()) == accuracy
 
 
 @pytest.mark.parametrize(
