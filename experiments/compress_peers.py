@@ -25,8 +25,8 @@ margin over the next best.
 
     nice -n 5 .venv/bin/python experiments/compress_peers.py   # both models, ~1 hour here
 
-Results: runs/compress-peers/results.json (per model and method; finished ones are kept, so an
-interrupted run continues) and the table printed at the end.
+Results: runs/compress-peers/results.json (``--out`` names another folder; per model and method;
+finished ones are kept, so an interrupted run continues) and the table printed at the end.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def run_baseline(method: str, name: str, weights: Path, budget: float, args) -> 
     else:
         keep, seen = largest_ratio(teacher, int8, budget, r, calib, quick_dev)
         row["ratio_search_ms"] = seen
-    folder = OUT / name / method
+    folder = args.out / name / method
     rounds = []
     while True:
         row.update(_finish_baseline(teacher, keep, int8, fit, calib, folder, budget, args))
@@ -206,7 +206,7 @@ def _finish_baseline(teacher, keep, int8, fit, calib, folder, budget, args) -> d
 
 
 def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
-    run = OUT / name / "autocomp"
+    run = args.out / name / "autocomp"
     shutil.rmtree(run, ignore_errors=True)
     result = api.compress(
         f"timm:{name}",
@@ -251,15 +251,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = parser.parse_args()
     if not (ROOT / "experiments" / "data" / "digits_hard.npz").is_file():
         raise SystemExit("run experiments/make_hard_digits.py first")
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for name in args.only or MODELS:
         entry = results.setdefault(name, {"methods": {}})
-        weights = OUT / name / "base.pt"
+        weights = args.out / name / "base.pt"
         with api._torch_threads(1):
             if not weights.is_file():
                 epochs, lr = BASE[name]

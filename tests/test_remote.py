@@ -227,7 +227,12 @@ def test_cli_measures_through_the_agent(agent, monkeypatch, tmp_path, capsys):
     assert out == "" and len(ours) == 1 and "refused the request (401)" in ours[0]
 
 
-def test_device_serve_command_starts_and_stops_on_ctrl_c():
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_device_serve_command_starts_and_stops_on_ctrl_c_or_sigterm(stop):
+    # Started as a background job is: with SIGINT ignored, which Python would otherwise inherit.
+    def background() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -238,13 +243,14 @@ def test_device_serve_command_starts_and_stops_on_ctrl_c():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=background,
     )
     try:
         first = proc.stdout.readline()
         assert first == f"serving on http://127.0.0.1:{port}\n"
         info = RemoteDevice(f"remote://127.0.0.1:{port}", token=TOKEN).info
         assert info.kind == "cpu" and info.threads == 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:

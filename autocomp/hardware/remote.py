@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -89,6 +90,12 @@ def serve(
         host=host, port=port, token=token, max_bytes=max_bytes, device=OrtDevice(threads)
     )
     bound_host, bound_port = server.server_address[:2]
+    if threading.current_thread() is threading.main_thread():
+        # Stop on Ctrl-C and on SIGTERM (service managers) alike, even where the agent was
+        # started in the background and inherited an ignored SIGINT (Python then installs no
+        # KeyboardInterrupt handler of its own).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
     print(f"serving on http://{bound_host}:{bound_port}", flush=True)
     try:
         server.serve_forever()

@@ -5,7 +5,10 @@ The search spaces' own layers carry their quantizers; a user's model (a timm net
 :class:`QConv2d`/:class:`QLinear` in place (same module path, same parameters, so the policy's bit
 keys, the state_dict and the ONNX export's layer-to-node mapping are unchanged): per-output-channel
 symmetric int8 weights, and uint8 observers on the layer's input and output — the tensors ONNX
-Runtime's QDQ format quantizes, whose trained ranges the export then uses.
+Runtime's QDQ format quantizes, whose trained ranges the export then uses. The bias lies on the
+int32 grid the export stores it on, and a layer reading another int8 layer's output directly
+reuses that output's quantizer (:func:`share_quantized_inputs`): the export quantizes such a
+tensor once, and single-step differences compound through deep int8 stacks.
 
 The output the exporter quantizes is the convolution *after* BatchNorm folding, so BatchNorm is
 folded into its conv first (:func:`fold_batchnorm`) where it is the conv output's only consumer;
@@ -23,7 +26,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autocomp.errors import AutocompError
-from autocomp.quant.fake import ActQuant, QuantLayer, fake_quant_weight
+from autocomp.quant.fake import (
+    ActQuant,
+    QuantLayer,
+    act_qparams,
+    fake_quant_bias,
+    fake_quant_weight,
+    weight_scale,
+)
 
 
 class QConv2d(nn.Conv2d, QuantLayer):
@@ -31,12 +41,14 @@ class QConv2d(nn.Conv2d, QuantLayer):
 
     in_q: ActQuant
     out_q: ActQuant | None
+    input_quantized: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantized:
             return self._conv_forward(x, self.weight, self.bias)
-        x = self.in_q(x, self.bits)
-        y = self._conv_forward(x, fake_quant_weight(self.weight, self.bits), self.bias)
+        x = _quantized_input(self, x)
+        weight = fake_quant_weight(self.weight, self.bits)
+        y = self._conv_forward(x, weight, _quantized_bias(self))
         return self.out_q(y, self.bits) if self.out_q is not None else y
 
 
@@ -47,14 +59,31 @@ class QLinear(nn.Linear, QuantLayer):
 
     in_q: ActQuant
     out_q: ActQuant | None
+    input_quantized: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantized:
             return nn.functional.linear(x, self.weight, self.bias)
         flat = x.dim() == 2
-        x = self.in_q(x, self.bits)
-        y = nn.functional.linear(x, fake_quant_weight(self.weight, self.bits), self.bias)
+        x = _quantized_input(self, x)
+        bias = _quantized_bias(self) if flat else self.bias  # MatMul + Add: a float bias
+        y = nn.functional.linear(x, fake_quant_weight(self.weight, self.bits), bias)
         return self.out_q(y, self.bits) if flat and self.out_q is not None else y
+
+
+def _quantized_input(layer: QConv2d | QLinear, x: Tensor) -> Tensor:
+    """The layer's input on its int8 grid; one that another int8 layer's output quantizer put
+    there already (see :func:`share_quantized_inputs`) is used as is."""
+    return x if layer.input_quantized else layer.in_q(x, layer.bits)
+
+
+def _quantized_bias(layer: QConv2d | QLinear) -> Tensor | None:
+    """The bias as the export stores it (see :func:`autocomp.quant.fake.fake_quant_bias`); as is
+    while the input has no range yet (ONNX Runtime then calibrates it, the grid is unknown)."""
+    if layer.bias is None or not bool(layer.in_q.initialized):
+        return layer.bias
+    in_scale, _ = act_qparams(layer.in_q.min_val, layer.in_q.max_val, layer.bits)
+    return fake_quant_bias(layer.bias, in_scale * weight_scale(layer.weight, layer.bits))
 
 
 _WRAPPERS = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
@@ -75,6 +104,12 @@ def called_layers(model: nn.Module, example_input: Tensor) -> list[str]:
         for m in model.modules()
         if quantizable(m)
     ]
+    _trace(model, example_input, hooks)
+    return list(dict.fromkeys(order))
+
+
+def _trace(model: nn.Module, example_input: Tensor, hooks: list) -> None:
+    """One eval-mode forward pass of ``model`` for its ``hooks``, which are removed after."""
     was_training = model.training
     model.eval()
     try:
@@ -84,7 +119,6 @@ def called_layers(model: nn.Module, example_input: Tensor) -> list[str]:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return list(dict.fromkeys(order))
 
 
 def fold_batchnorm(model: nn.Module, pairs: Mapping[str, str]) -> list[str]:
@@ -163,6 +197,42 @@ def quantize_layers(
             layer.add_module("out_q", ActQuant() if name in observe else None)
         layer.bits = int(b)
     return model
+
+
+def share_quantized_inputs(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Let each int8 layer whose input is another int8 layer's quantized output (nothing but
+    identities between them) read that tensor as is, in place; returns those layers.
+
+    Why: the export puts one Quantize/Dequantize pair on such a tensor, at the producer's scale.
+    Quantizing it again in torch with the reader's own observer (a slightly different range)
+    rounds a few percent of its values to the neighbouring step, and a deep int8 stack amplifies
+    those flips: MobileNetV3's projection convs feed the next block's expansion conv directly,
+    and its all-int8 torch model and ONNX export agreed on 63% of top-1 decisions. The reader's
+    ``in_q`` becomes the producer's ``out_q`` (so the export gives the tensor that one scale) and
+    is not applied a second time.
+    """
+    layers = {
+        m: n for n, m in model.named_modules() if isinstance(m, QConv2d | QLinear) and m.bits < 32
+    }
+    # Outputs kept alive (no storage is reused) with their version: an in-place activation
+    # (timm's inplace=True) leaves the storage but changes the values.
+    produced: list[tuple[Tensor, int, nn.Module]] = []
+    shared: list[str] = []
+
+    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        x = inputs[0]
+        for y, version, producer in [] if layer.input_quantized else produced:
+            same = x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+            if same and x._version == version:
+                layer.in_q = producer.out_q
+                layer.input_quantized = True
+                shared.append(layers[layer])
+                break
+        if layer.out_q is not None and (isinstance(layer, QConv2d) or out.dim() == 2):
+            produced.append((out, out._version, layer))
+
+    _trace(model, example_input, [m.register_forward_hook(hook) for m in layers])
+    return shared
 
 
 def outputs_as_exported(

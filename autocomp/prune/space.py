@@ -25,7 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autocomp.errors import AutocompError
 from autocomp.prune.pruning import ModelPruner
-from autocomp.prune.quantize import fold_batchnorm, outputs_as_exported, quantize_layers
+from autocomp.prune.quantize import (
+    fold_batchnorm,
+    outputs_as_exported,
+    quantize_layers,
+    share_quantized_inputs,
+)
 from autocomp.spaces.base import QDQ_LAYER_BYTES, Param
 from autocomp.spaces.candidate import Candidate, Cost
 
@@ -190,10 +195,15 @@ class PolicySpace:
 
     def deploy(self, model: nn.Module, candidate: Candidate) -> nn.Module:
         """Make a built network compute as exported, in place: BatchNorm folded into its convs,
-        the candidate's int8 layers fake-quantized (quantization off until switched on)."""
+        the candidate's int8 layers fake-quantized (quantization off until switched on), those
+        reading another int8 layer's output reusing its quantizer."""
         folded = fold_batchnorm(model, self.pruner.bn_after)
         observe = outputs_as_exported(model, self.pruner.bn_after, folded)
-        return quantize_layers(model, candidate.bits, observe)
+        quantize_layers(model, candidate.bits, observe)
+        device = next(model.parameters()).device
+        side = self.resolution
+        share_quantized_inputs(model, torch.zeros(1, self.in_channels, side, side, device=device))
+        return model
 
     def channels(self, model: nn.Module) -> dict[str, int]:
         """Output channels of each group's root layer in ``model`` (a built network)."""

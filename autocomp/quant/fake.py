@@ -17,13 +17,30 @@ import torch
 from torch import Tensor, nn
 
 
+def weight_scale(weight: Tensor, bits: int = 8) -> Tensor:
+    """Per-output-channel symmetric scale of a conv/linear weight: max|w| / (2^(b-1) - 1)."""
+    absmax = weight.detach().abs().flatten(1).amax(dim=1)
+    return (absmax / (2 ** (bits - 1) - 1)).clamp_min(torch.finfo(torch.float32).tiny).float()
+
+
 def fake_quant_weight(weight: Tensor, bits: int = 8) -> Tensor:
     """Per-output-channel symmetric fake quantization of a conv/linear weight."""
     qmax = 2 ** (bits - 1) - 1
-    absmax = weight.detach().abs().flatten(1).amax(dim=1)
-    scale = (absmax / qmax).clamp_min(torch.finfo(torch.float32).tiny).float()
+    scale = weight_scale(weight, bits)
     zero = torch.zeros_like(scale, dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -qmax, qmax)
+
+
+def fake_quant_bias(bias: Tensor, scale: Tensor) -> Tensor:
+    """``bias`` rounded to the int32 grid ONNX Runtime stores it on (per-channel ``scale`` =
+    input scale × weight scale, zero point 0), straight-through for the gradient.
+
+    Why: the exporter quantizes a Conv/Gemm bias so; an fp32 bias in torch differs by up to
+    half that step, which for a high-gain layer (a BN-folded depthwise conv) is a sizeable part
+    of an output step and flips the output's rounding, and deep int8 stacks amplify such flips.
+    """
+    rounded = torch.round(bias.detach() / scale) * scale
+    return bias + (rounded - bias.detach())
 
 
 def act_qparams(lo: Tensor, hi: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
