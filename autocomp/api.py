@@ -238,11 +238,9 @@ def search(
         with clock("latency model"):
             from autocomp.latency.space import SpaceLatency
 
-            # Many candidates to time: shorter warm-up and timing than a final verification.
-            quick_timing = hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
             latency = SpaceLatency.fit(
                 space_obj,
-                hardware.get_device(device, threads=threads, timing=quick_timing),
+                hardware.get_device(device, threads=threads, timing=hardware.SCREEN_TIMING),
                 _to_onnx(space_obj, bn_batches),
                 effort.latency_samples,
                 seed=seed,
@@ -475,10 +473,9 @@ def compress(
             space_obj, space_notes = _policy_space(
                 name, pruner, net, r, channels, keep_ratios, bits, bn_batches[0][:8]
             )
-            quick_timing = hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
             lat = PolicyLatency(
                 space_obj,
-                hardware.get_device(device, threads=threads, timing=quick_timing),
+                hardware.get_device(device, threads=threads, timing=hardware.SCREEN_TIMING),
                 bn_batches[0][:8],
                 mode=latency,
                 predictor=_kernel_predictor(dev, progress) if latency == "predict" else None,

@@ -117,7 +117,6 @@ def fp32_latency(name: str, spec: str, weights: Path, resolution: int) -> float:
 
 
 #: ``compress``'s timing when it screens policies (:func:`autocomp.api.compress`).
-SCREEN_TIMING = hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
 
 
 def latency_range(name: str, spec: str, weights: Path, resolution: int) -> tuple[float, float]:
@@ -137,7 +136,7 @@ def latency_range(name: str, spec: str, weights: Path, resolution: int) -> tuple
     space, _ = api._policy_space(
         name, pruner, model, resolution, channels, KEEP_RATIOS, BITS, probe
     )
-    lat = PolicyLatency(space, hardware.get_device("cpu", timing=SCREEN_TIMING), probe)
+    lat = PolicyLatency(space, hardware.get_device("cpu", timing=hardware.SCREEN_TIMING), probe)
 
     def fastest(candidate) -> float:
         onnx = lat.onnx(candidate)

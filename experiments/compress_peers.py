@@ -154,9 +154,7 @@ def run_baseline(method: str, name: str, weights: Path, budget: float, args) -> 
     fit = data.validation_split(0.2, seed=args.seed)
     calib = calibration_batches(fit.x_train, seed=args.seed)
     teacher = _model(name, weights, data)
-    quick_dev = hardware.get_device(
-        "cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
-    )
+    quick_dev = hardware.get_device("cpu", timing=hardware.SCREEN_TIMING)
     row: dict = {"method": method}
     int8 = method in ("ort-ptq", "tp+ptq")
     if method == "ort-ptq":

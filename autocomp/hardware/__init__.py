@@ -8,10 +8,11 @@ from autocomp.hardware.base import Device, DeviceInfo, Measurement, OnnxModel
 from autocomp.hardware.devices import ACCEPTED_SPECS, available_devices, get_device
 from autocomp.hardware.onnx_io import load_onnx, static_input_shape
 from autocomp.hardware.remote import RemoteDevice, make_server, serve
-from autocomp.hardware.timing import Timing
+from autocomp.hardware.timing import SCREEN_TIMING, Timing
 
 __all__ = [
     "ACCEPTED_SPECS",
+    "SCREEN_TIMING",
     "Device",
     "DeviceInfo",
     "Measurement",

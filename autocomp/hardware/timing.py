@@ -70,6 +70,8 @@ class Timing:
 
 
 DEFAULT_TIMING = Timing()
+#: For screening many candidates (latency-model fits, policy searches): shorter than a verification.
+SCREEN_TIMING = Timing(warmup_s=0.2, min_runs=20, min_s=0.4)
 
 
 def time_runs(
