@@ -293,56 +293,24 @@ def search(
                 first=[space_obj.largest()],  # wins outright where the budget does not bind
                 progress=progress,
             )
-        rounds: list[dict[str, Any]] = []
-        chosen_record = found.best_metrics
-        while True:
-            candidate = _candidate(chosen_record)
-            with clock(f"finetune#{len(rounds) + 1}"):
-                model, tuned = _finetune(
-                    space_obj,
-                    net,
-                    candidate,
-                    fit_part,
-                    bn_batches,
-                    evaluate_fn,
-                    effort,
-                    seed,
-                    progress,
-                )
-            with clock(f"export+verify#{len(rounds) + 1}"):
-                verdict = _export_and_verify(
-                    model,
-                    candidate,
-                    space_obj.cost(candidate).to_dict(),
-                    dataset,
-                    bn_batches,
-                    dev,
-                    budget,
-                    run_dir,
-                )
-            verdict["predicted_latency_ms"] = latency.predict([candidate])[0]
-            verdict["finetune"] = tuned
-            rounds.append(verdict)
-            if verdict["meets_budget"] or len(rounds) >= REPAIR_ROUNDS:
-                break
-            # Missed as measured: correct the latency model with the truth and choose again.
-            latency.correct(candidate, verdict["measured"]["median_ms"])
-            chosen_record = _rechoose(
-                found.trials, latency, budget, tried=[r["key"] for r in rounds]
+
+        def finetune(candidate, record):
+            return _finetune(
+                space_obj, net, candidate, fit_part, bn_batches, evaluate_fn, effort, seed, progress
             )
-            if chosen_record is None:
-                break
+
+        def verify(model, candidate):
+            cost = space_obj.cost(candidate).to_dict()
+            return _export_and_verify(
+                model, candidate, cost, dataset, bn_batches, dev, budget, run_dir
+            )
+
+        model, candidate, rounds = _verify_rounds(found, latency, budget, clock, finetune, verify)
         final = rounds[-1]
         report = _report(
             config, budget, dev, space_obj, candidate, final, found, latency, rounds, timings
         )
-        from autocomp.report import write_report
-
-        with clock("report"):
-            _save_model(run_dir / "model.pt", model, candidate)
-            write_report(run_dir, report)
-        report["timings_s"] = timings
-        write_report(run_dir, report)
+        _write_run(run_dir, model, candidate, report, clock, timings)
         return Result(
             model,
             run_dir / "model.onnx",
@@ -574,48 +542,42 @@ def compress(
                 progress=progress,
             )
         finetune_epochs = epochs or effort.finetune_epochs
-        rounds: list[dict[str, Any]] = []
-        chosen_record = found.best_metrics
-        while True:
-            candidate = _candidate(chosen_record)
-            with clock(f"finetune#{len(rounds) + 1}"):
-                tuned_model, tuned = finish(
-                    space_obj,
-                    candidate,
-                    teacher,
-                    fit_part,
-                    bn_batches,
-                    epochs=finetune_epochs,
-                    qat_epochs=min(2, finetune_epochs),
-                    seed=seed,
-                    progress=progress,
-                )
-            tuned["inherited_val_accuracy"] = chosen_record["accuracy"]
-            with clock(f"export+verify#{len(rounds) + 1}"):
-                verdict = _export_and_verify(
-                    tuned_model,
-                    candidate,
-                    space_obj.cost(candidate).to_dict(),
-                    dataset,
-                    bn_batches,
-                    dev,
-                    budget,
-                    run_dir,
-                    export=export_policy,
-                )
-                verdict["agreement"] = agreement(tuned_model, run_dir / "model.onnx", test, r)
-                if not verdict["meets_budget"]:
-                    _remeasure(verdict, dev, run_dir / "model.onnx", (1, channels, r, r), budget)
-            verdict["predicted_latency_ms"] = float(lat.predict([candidate])[0])
-            verdict["finetune"] = tuned
-            rounds.append(verdict)
-            if verdict["meets_budget"] or len(rounds) >= REPAIR_ROUNDS:
-                break
-            # Missed as measured: correct the latency model with the truth and choose again.
-            lat.correct(candidate, verdict["measured"]["median_ms"])
-            chosen_record = _rechoose(found.trials, lat, budget, tried=[r["key"] for r in rounds])
-            if chosen_record is None:
-                break
+
+        def finetune(candidate, record):
+            model, tuned = finish(
+                space_obj,
+                candidate,
+                teacher,
+                fit_part,
+                bn_batches,
+                epochs=finetune_epochs,
+                qat_epochs=min(2, finetune_epochs),
+                seed=seed,
+                progress=progress,
+            )
+            tuned["inherited_val_accuracy"] = record["accuracy"]
+            return model, tuned
+
+        def verify(model, candidate):
+            cost = space_obj.cost(candidate).to_dict()
+            onnx_path = run_dir / "model.onnx"
+            verdict = _export_and_verify(
+                model,
+                candidate,
+                cost,
+                dataset,
+                bn_batches,
+                dev,
+                budget,
+                run_dir,
+                export=export_policy,
+            )
+            verdict["agreement"] = agreement(model, onnx_path, test, r)
+            if not verdict["meets_budget"]:
+                _remeasure(verdict, dev, onnx_path, (1, channels, r, r), budget)
+            return verdict
+
+        tuned_model, candidate, rounds = _verify_rounds(found, lat, budget, clock, finetune, verify)
         final = rounds[-1]
         report = _report(
             config, budget, dev, space_obj, candidate, final, found, lat, rounds, timings
@@ -646,13 +608,7 @@ def compress(
                 "the model has random weights (no --weights): importance ranks and the search's "
                 "scores are those of an untrained network, and no distillation teacher was used"
             )
-        from autocomp.report import write_report
-
-        with clock("report"):
-            _save_model(run_dir / "model.pt", tuned_model, candidate)
-            write_report(run_dir, report)
-        report["timings_s"] = timings
-        write_report(run_dir, report)
+        _write_run(run_dir, tuned_model, candidate, report, clock, timings)
         return Result(
             tuned_model,
             run_dir / "model.onnx",
@@ -1020,6 +976,41 @@ def _export_and_verify(
         "violations": budget.violations(**{k: costs[k] for k in budget.terms()}),
         "meets_budget": budget.is_met(**{k: costs[k] for k in budget.terms()}),
     }
+
+
+def _verify_rounds(found, latency, budget: Budget, clock, finetune, verify):
+    """Finetune, export and measure the search's choice; when it misses the budget as measured,
+    correct the latency model with the measurement and take the best untried trial the corrected
+    model admits, at most ``REPAIR_ROUNDS`` times. Returns the last model, its candidate and the
+    verdict of every round (``search`` and ``compress`` differ only in ``finetune``/``verify``)."""
+    rounds: list[dict[str, Any]] = []
+    record = found.best_metrics
+    while True:
+        candidate = _candidate(record)
+        with clock(f"finetune#{len(rounds) + 1}"):
+            model, tuned = finetune(candidate, record)
+        with clock(f"export+verify#{len(rounds) + 1}"):
+            verdict = verify(model, candidate)
+        verdict["predicted_latency_ms"] = float(latency.predict([candidate])[0])
+        verdict["finetune"] = tuned
+        rounds.append(verdict)
+        if verdict["meets_budget"] or len(rounds) >= REPAIR_ROUNDS:
+            return model, candidate, rounds
+        latency.correct(candidate, verdict["measured"]["median_ms"])
+        record = _rechoose(found.trials, latency, budget, tried=[r["key"] for r in rounds])
+        if record is None:
+            return model, candidate, rounds
+
+
+def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, timings) -> None:
+    """Save ``model.pt`` and the report; written again once the report stage's own time is in."""
+    from autocomp.report import write_report
+
+    with clock("report"):
+        _save_model(run_dir / "model.pt", model, candidate)
+        write_report(run_dir, report)
+    report["timings_s"] = timings
+    write_report(run_dir, report)
 
 
 def _rechoose(trials, latency, budget: Budget, tried: list[str]):
