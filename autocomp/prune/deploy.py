@@ -14,18 +14,11 @@ every reader, as their output observers quantize them in torch too). Unused Q/DQ
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
-
-from autocomp.errors import AutocompError
-from autocomp.hardware.onnx_io import one_line
 
 
 def export_policy(
@@ -36,31 +29,18 @@ def export_policy(
     *,
     calibration_batches: Any,
 ) -> Any:
-    """:func:`autocomp.quant.export.export_onnx`, then :func:`unshare_inputs` on the result."""
+    """:func:`autocomp.quant.export.export_onnx` with :func:`unshare_inputs` applied to the graph
+    before it is checked and written."""
     from autocomp.quant.export import export_onnx
 
-    info = export_onnx(
-        model, candidate_or_bits, input_shape, path, calibration_batches=calibration_batches
+    return export_onnx(
+        model,
+        candidate_or_bits,
+        input_shape,
+        path,
+        calibration_batches=calibration_batches,
+        rewrite=unshare_inputs,
     )
-    if not info.quantized_nodes:
-        return info
-    graph = onnx.load(str(info.path))
-    if not unshare_inputs(graph, info.quantized_nodes):
-        return info
-    data = graph.SerializeToString()
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise AutocompError(f"the exported model does not load: {one_line(err)}") from None
-    tmp = info.path.with_name(f".{info.path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, info.path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dataclasses.replace(info, size_bytes=len(data))
 
 
 def unshare_inputs(graph: onnx.ModelProto, quantized: Iterable[str]) -> int:

@@ -22,7 +22,7 @@ import io
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +67,16 @@ def export_onnx(
     path: str | Path,
     *,
     calibration_batches: Iterable[Tensor | np.ndarray],
+    rewrite: Callable[[onnx.ModelProto, tuple[str, ...]], object] | None = None,
 ) -> ExportInfo:
     """Write ``model`` as ONNX (opset 17, input ``input``, output ``logits``) to ``path``.
 
     ``candidate_or_bits`` gives each layer's bits (8 or 32) by module path; layers not named stay
     fp32. ``calibration_batches`` are training-split images at any resolution (resized here), a
-    few hundred are plenty. ``model`` is not modified. The file is written atomically: on any
-    error nothing is left at ``path`` (a file already there is kept as it was).
+    few hundred are plenty. ``rewrite(graph, quantized_nodes)``, when given, edits the quantized
+    graph in place before it is checked and written (``autocomp compress`` rewires shared
+    inputs). ``model`` is not modified. The file is written atomically: on any error nothing is
+    left at ``path`` (a file already there is kept as it was).
     """
     path = _writable(Path(path))
     shape = tuple(int(d) for d in input_shape)
@@ -108,6 +111,8 @@ def export_onnx(
             calibration=_calibration(calibration_batches, shape),
             fixed_qparams=fixed,
         )
+        if rewrite is not None:
+            rewrite(graph, quantized)
     data = graph.SerializeToString()
     _check_runs(data)
     _write_atomically(path, data)
