@@ -210,9 +210,10 @@ def _finetune(
         else None
     )
     int8 = any(isinstance(m, QuantLayer) and m.bits < 32 for m in model.modules())
-    phases = [("fp32", config.epochs - config.qat_epochs, config.lr)]
-    if int8 and config.qat_epochs:
-        phases.append(("qat", config.qat_epochs, config.qat_lr or config.lr / 10))
+    qat_epochs = config.qat_epochs if int8 else 0  # an fp32 model trains every epoch in fp32
+    phases = [("fp32", config.epochs - qat_epochs, config.lr)]
+    if qat_epochs:
+        phases.append(("qat", qat_epochs, config.qat_lr or config.lr / 10))
     start = time.perf_counter()
     set_quantization(model, False)
     report = FinetuneReport(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,17 @@ def test_early_stopping_restores_the_best_epoch():
     assert report.val_accuracy == best == evaluate(model, (val[0], noise), 12)
     after_best = report.history[report.best_epoch :]
     assert len(after_best) == 2 and all(r.val_accuracy <= best for r in after_best)
+
+
+def test_a_model_without_int8_layers_trains_every_epoch_in_fp32():
+    """QAT epochs asked for but nothing to quantize: they are fp32 epochs, not lost ones."""
+    train, val, _ = tt.splits()
+    candidate = tt.student_candidate()
+    fp32 = dataclasses.replace(candidate, bits={name: 32 for name in candidate.bits})
+    model = tt.build(fp32, seed=5)
+    config = FinetuneConfig(epochs=3, qat_epochs=2, patience=None, **tt.QUICK)
+    report = finetune(model, None, small(train, 128), val, config, resolution=12, progress=False)
+    assert [(r.epoch, r.phase) for r in report.history] == [(1, "fp32"), (2, "fp32"), (3, "fp32")]
 
 
 @pytest.mark.slow

@@ -141,12 +141,14 @@ def finish(
     net = space.build(candidate)
     recalibrate_bn(net, (view(b, r) for b in bn_batches))
     report: dict[str, Any] = {}
-    qat_epochs = max(0, min(qat_epochs, epochs - 1))  # at least one fp32 epoch (module doc)
+    int8 = any(b < 32 for b in candidate.bits.values())
+    # At least one fp32 epoch (module doc); a policy without int8 layers trains all in fp32.
+    qat_epochs = max(0, min(qat_epochs, epochs - 1)) if int8 else 0
     config = recovery_config(epochs - qat_epochs, teacher, seed)
     done = finetune(net, teacher, train, val, config, resolution=r, progress=progress)
     report["fp32"] = done.to_dict()
     space.deploy(net, candidate)
-    if _has_int8(net) and qat_epochs:
+    if int8 and qat_epochs:
         config = FinetuneConfig(
             epochs=qat_epochs,
             qat_epochs=qat_epochs,
