@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from autocomp.budget import Budget
 from autocomp.errors import AutocompError
+from autocomp.prune import KEEP_RATIOS
 
 if TYPE_CHECKING:
     from autocomp.hardware import Measurement
@@ -333,7 +334,7 @@ def compress(
     weights: str | Path | None = None,
     example_input: Any = None,
     resolution: int | None = None,
-    keep_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    keep_ratios: Sequence[float] = KEEP_RATIOS,
     bits: Sequence[int] = (8, 32),
     importance: str = "l1",
     latency: str = "measure",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from autocomp import api
 from autocomp.budget import ACCEPTED_FORMS
 from autocomp.errors import AutocompError
+from autocomp.prune import KEEP_RATIOS
 
 EXIT_BAD_INPUT = 2
 EXIT_OVER_BUDGET = 3
@@ -469,8 +470,8 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-ratios",
         type=_ratios,
-        default=(0.25, 0.5, 0.75, 1.0),
-        help="keep ratios each channel group chooses from (default 0.25,0.5,0.75,1). "
+        default=KEEP_RATIOS,
+        help="keep ratios each channel group chooses from (default: eighths, 0.25 to 1). "
         "Example: --keep-ratios 0.5,0.75,1",
     )
     p.add_argument(

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autocomp.errors import AutocompError
+from autocomp.prune import KEEP_RATIOS
 from autocomp.prune.pruning import ModelPruner
 from autocomp.prune.quantize import (
     fold_batchnorm,
@@ -34,7 +35,6 @@ from autocomp.prune.quantize import (
 from autocomp.spaces.base import QDQ_LAYER_BYTES, Param
 from autocomp.spaces.candidate import Candidate, Cost
 
-KEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 BITS = (8, 32)
 
 
