@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from autocomp.budget import Budget
 from autocomp.errors import AutocompError
-from autocomp.prune import KEEP_RATIOS
+from autocomp.prune import KEEP_RATIOS, TUNE_BATCHES
 
 if TYPE_CHECKING:
     from autocomp.hardware import Measurement
@@ -338,7 +338,7 @@ def compress(
     bits: Sequence[int] = (8, 32),
     importance: str = "l1",
     latency: str = "measure",
-    tune_batches: int = 0,
+    tune_batches: int = TUNE_BATCHES,
     ignored_layers: Sequence[str] = (),
     out: str | Path | None = None,
     resume: bool = False,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from autocomp import api
 from autocomp.budget import ACCEPTED_FORMS
 from autocomp.errors import AutocompError
-from autocomp.prune import KEEP_RATIOS
+from autocomp.prune import KEEP_RATIOS, TUNE_BATCHES
 
 EXIT_BAD_INPUT = 2
 EXIT_OVER_BUDGET = 3
@@ -498,9 +498,9 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tune-batches",
         type=int,
-        default=0,
-        help="SGD steps (with distillation) on each candidate before scoring it (default 0: "
-        "BatchNorm recalibration only). Example: --tune-batches 20",
+        default=TUNE_BATCHES,
+        help=f"SGD steps (with distillation) on each candidate before scoring it (default "
+        f"{TUNE_BATCHES}; 0: BatchNorm recalibration only). Example: --tune-batches 0",
     )
     p.add_argument(
         "--keep-layer",
