@@ -46,10 +46,11 @@ sys.path.insert(0, str(ROOT))
 from autocomp import api, hardware  # noqa: E402
 from autocomp.data import load  # noqa: E402
 from autocomp.finetune import FinetuneConfig, finetune  # noqa: E402
+from autocomp.prune import KEEP_RATIOS  # noqa: E402
 from autocomp.prune.latency import PolicyLatency  # noqa: E402
 from autocomp.prune.models import timm_model  # noqa: E402
 from autocomp.prune.pruning import ModelPruner  # noqa: E402
-from autocomp.prune.space import BITS, KEEP_RATIOS  # noqa: E402
+from autocomp.prune.space import BITS  # noqa: E402
 from autocomp.quant.export import export_onnx  # noqa: E402
 from autocomp.supernet.train import evaluate  # noqa: E402
 
@@ -100,36 +101,36 @@ def train_base(
     }
 
 
-def fp32_latency(name: str, spec: str, weights: Path, resolution: int) -> float:
-    """Measured median latency (ms) of the trained model exported in fp32 on the cpu device."""
-    data = load(spec)
-    model = timm_model(
+def trained(name: str, data, weights: Path) -> torch.nn.Module:
+    """The timm model for ``data`` with the trained ``weights`` (``pretrained=False``)."""
+    return timm_model(
         f"timm:{name}",
         num_classes=data.num_classes,
         in_channels=data.input_shape[0],
         weights=weights,
     )
+
+
+def fp32_latency(name: str, spec: str, weights: Path, resolution: int) -> float:
+    """Latency (ms) of the trained model exported in fp32 on the cpu device: the fastest of 3
+    medians (load from other processes inflates a whole measurement now and then, never deflates
+    one; a budget derived from an inflated one would be loose for good)."""
+    data = load(spec)
     shape = (1, data.input_shape[0], resolution, resolution)
     with tempfile.TemporaryDirectory() as tmp:
         probe = [torch.as_tensor(data.x_train[:8])]
+        model = trained(name, data, weights)
         info = export_onnx(model, {}, shape, Path(tmp) / "m.onnx", calibration_batches=probe)
-        return hardware.get_device("cpu").measure(info.path, shape).median_ms
-
-
-#: ``compress``'s timing when it screens policies (:func:`autocomp.api.compress`).
+        device = hardware.get_device("cpu")
+        return min(device.measure(info.path, shape).median_ms for _ in range(3))
 
 
 def latency_range(name: str, spec: str, weights: Path, resolution: int) -> tuple[float, float]:
     """(original, floor): measured latency (ms) of the trained model in fp32 and of its fastest
-    policy, as ``compress`` exports and times them; each the fastest of 3 medians (load from other
-    processes inflates a whole measurement now and then, never deflates one)."""
+    policy, as ``compress`` exports and times them; each the fastest of 3 medians (as
+    :func:`fp32_latency`)."""
     data = load(spec)
-    model = timm_model(
-        f"timm:{name}",
-        num_classes=data.num_classes,
-        in_channels=data.input_shape[0],
-        weights=weights,
-    )
+    model = trained(name, data, weights)
     channels = data.input_shape[0]
     pruner = ModelPruner(model, torch.zeros(1, channels, resolution, resolution))
     probe = torch.as_tensor(data.x_train[:8])
@@ -161,6 +162,30 @@ def choose_budget(original_ms: float, floor_ms: float, share: float) -> tuple[fl
     return midpoint, "midpoint"
 
 
+def run_compress(
+    name: str, spec: str, weights: Path, budget: float, run: Path, args: argparse.Namespace
+) -> tuple[api.Result, dict]:
+    """``autocomp compress`` of the trained model under ``budget`` ms into a fresh ``run``
+    folder (``args``: resolution, trials, epochs, and seed if it has one); its result and
+    report. A miss of the budget is reported, not raised: the tables show it."""
+    shutil.rmtree(run, ignore_errors=True)
+    result = api.compress(
+        f"timm:{name}",
+        spec,
+        f"{budget:.4f}ms",
+        "cpu",
+        weights=weights,
+        resolution=args.resolution,
+        trials=args.trials,
+        epochs=args.epochs,
+        seed=getattr(args, "seed", 0),
+        out=run,
+        allow_over_budget=True,
+        progress=False,
+    )
+    return result, json.loads((run / "report.json").read_text())
+
+
 def run_family(name: str, args: argparse.Namespace) -> dict:
     folder = OUT / name
     weights = folder / "base.pt"
@@ -180,22 +205,7 @@ def run_family(name: str, args: argparse.Namespace) -> dict:
             "budget_rule": rule,
         }
     )
-    run = folder / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    result = api.compress(
-        f"timm:{name}",
-        args.data,
-        f"{budget:.4f}ms",
-        "cpu",
-        weights=weights,
-        resolution=args.resolution,
-        trials=args.trials,
-        epochs=args.epochs,
-        out=run,
-        allow_over_budget=True,
-        progress=False,
-    )
-    report = json.loads((run / "report.json").read_text())
+    result, report = run_compress(name, args.data, weights, budget, folder / "run", args)
     chosen = report["chosen"]
     row.update(
         {

@@ -53,13 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from compress_families import fp32_latency, train_base  # noqa: E402
+from compress_families import fp32_latency, run_compress, train_base, trained  # noqa: E402
 
 from autocomp import api, hardware  # noqa: E402
 from autocomp.data import load  # noqa: E402
 from autocomp.finetune import finetune  # noqa: E402
 from autocomp.prune.finish import recovery_config  # noqa: E402
-from autocomp.prune.models import timm_model  # noqa: E402
 from autocomp.prune.pruning import output_layers  # noqa: E402
 from autocomp.prune.quantize import quantizable  # noqa: E402
 from autocomp.quant.export import export_onnx, onnx_accuracy  # noqa: E402
@@ -73,15 +72,6 @@ BASE = {"resnet18": (15, 0.05), "mobilenetv3_large_100": (40, 0.02)}
 METHODS = ["autocomp", "tp-l1", "ort-ptq", "tp+ptq"]
 OUT = ROOT / "runs" / "compress-peers"
 RATIOS = [round(1 - 0.05 * i, 2) for i in range(19)]  # 1.0 .. 0.1
-
-
-def _model(name: str, weights: Path, data) -> torch.nn.Module:
-    return timm_model(
-        f"timm:{name}",
-        num_classes=data.num_classes,
-        in_channels=data.input_shape[0],
-        weights=weights,
-    )
 
 
 def uniform_prune(model: torch.nn.Module, keep: float, r: int) -> torch.nn.Module:
@@ -158,7 +148,7 @@ def run_baseline(method: str, name: str, weights: Path, budget: float, args) -> 
     data = load(DATA)
     fit = data.validation_split(0.2, seed=args.seed)
     calib = calibration_batches(fit.x_train, seed=args.seed)
-    teacher = _model(name, weights, data)
+    teacher = trained(name, data, weights)
     quick_dev = hardware.get_device("cpu", timing=hardware.SCREEN_TIMING)
     row: dict = {"method": method}
     int8 = method in ("ort-ptq", "tp+ptq")
@@ -210,22 +200,7 @@ def _finish_baseline(teacher, keep, int8, fit, calib, folder, budget, args) -> d
 
 def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
     run = args.out / name / f"autocomp-seed{args.seed}"
-    shutil.rmtree(run, ignore_errors=True)
-    result = api.compress(
-        f"timm:{name}",
-        DATA,
-        f"{budget:.4f}ms",
-        "cpu",
-        weights=weights,
-        resolution=args.resolution,
-        trials=args.trials,
-        epochs=args.epochs,
-        seed=args.seed,
-        out=run,
-        allow_over_budget=True,
-        progress=False,
-    )
-    report = json.loads((run / "report.json").read_text())
+    result, report = run_compress(name, DATA, weights, budget, run, args)
     chosen = report["chosen"]
     widths = chosen["candidate"]["widths"]
     return {
@@ -272,11 +247,7 @@ def main() -> None:
                 entry["base"] = train_base(name, DATA, args.resolution, epochs, weights, lr=lr)
                 entry.pop("original_fp32_ms", None)
             if "original_fp32_ms" not in entry:
-                # The fastest of 3 medians, as for every final model: the budget derives from
-                # it, and a burst of interference would loosen it for good.
-                entry["original_fp32_ms"] = min(
-                    fp32_latency(name, DATA, weights, args.resolution) for _ in range(3)
-                )
+                entry["original_fp32_ms"] = fp32_latency(name, DATA, weights, args.resolution)
         entry["budget_ms"] = args.budget_share * entry["original_fp32_ms"]
         for seed, method in itertools.product(args.seeds, args.methods):
             args.seed = seed  # what the runs read

@@ -80,18 +80,12 @@ class SpaceLatency:
             exported.append(to_onnx(candidate))
             bar.update()
         fastest = [np.inf] * len(todo)
-        for last in [False] * (PASSES - 1) + [True]:
-            for i, (candidate, (data, shape)) in enumerate(zip(todo, exported, strict=True)):
+        for _ in range(PASSES):
+            for i, (data, shape) in enumerate(exported):
                 fastest[i] = min(fastest[i], float(device.measure(data, shape).median_ms))
                 bar.update()
-                if last:
-                    record = {
-                        "id": candidate.key(),
-                        "candidate": candidate.to_dict(),
-                        "median_ms": fastest[i],
-                    }
-                    append_record(cache, record)
-                    model.records_.append(record)
+        for candidate, ms in zip(todo, fastest, strict=True):
+            model._keep(candidate, ms)
         bar.close()
         model._refit(seed)
         return model
@@ -114,13 +108,17 @@ class SpaceLatency:
 
     def correct(self, candidate: Any, measured_ms: float) -> None:
         """Learn from a verification measurement: keep it, refit, and never under-predict it."""
-        record = {"id": candidate.key(), "candidate": candidate.to_dict(), "median_ms": measured_ms}
-        append_record(self.cache, record)
-        self.records_ = [r for r in self.records_ if r["id"] != record["id"]] + [record]
+        self._keep(candidate, measured_ms)
         self._refit(0)
         predicted = float(self.predict([candidate])[0])
         if measured_ms > predicted:
             self.scale_ *= measured_ms / predicted
+
+    def _keep(self, candidate: Any, median_ms: float) -> None:
+        """Record a measurement, in the cache and in memory (replacing an older one)."""
+        record = {"id": candidate.key(), "candidate": candidate.to_dict(), "median_ms": median_ms}
+        append_record(self.cache, record)
+        self.records_ = [r for r in self.records_ if r["id"] != record["id"]] + [record]
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -157,7 +157,7 @@ def finish(
         )
         done = finetune(net, teacher, train, val, config, resolution=r, progress=progress)
         report["qat"] = done.to_dict()
-    elif _has_int8(net):
+    elif int8:
         set_quantization(net, True)
         calibrate_quantizers(net, (view(b, r) for b in bn_batches))
     report["val_accuracy"] = evaluate(net, val, r)
