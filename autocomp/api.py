@@ -274,10 +274,11 @@ def search(
         def measure_fn(candidate):
             return latency.measure(candidate)
 
+        screening = _screening(budget, latency.slack_)
         with clock("search"):
             found = run_search(
                 space_obj,
-                budget,
+                screening,
                 evaluate_fn=evaluate_fn,
                 run_dir=run_dir,
                 latency_fn=latency.predict if budget.latency_ms is not None else None,
@@ -294,6 +295,13 @@ def search(
                 first=[space_obj.largest()],  # wins outright where the budget does not bind
                 progress=progress,
             )
+        shortlist: list[dict[str, Any]] = []
+        with clock("shortlist"):
+
+            def choose(tried: list[str]):
+                return _measured_choice(found.trials, latency, budget, tried, shortlist)
+
+            first = choose([]) or found.best_metrics  # (which verification then judges)
 
         def finetune(candidate, record):
             return _finetune(
@@ -302,15 +310,25 @@ def search(
 
         def verify(model, candidate):
             cost = space_obj.cost(candidate).to_dict()
-            return _export_and_verify(
+            verdict = _export_and_verify(
                 model, candidate, cost, dataset, bn_batches, dev, budget, run_dir
             )
+            if not verdict["meets_budget"]:
+                _remeasure(verdict, dev, run_dir / "model.onnx", shape_of(candidate), budget)
+            return verdict
 
-        model, candidate, rounds = _verify_rounds(found, latency, budget, clock, finetune, verify)
+        def shape_of(candidate):
+            return (1, dataset.input_shape[0], candidate.resolution, candidate.resolution)
+
+        model, candidate, rounds = _verify_rounds(
+            first, choose, latency, budget, clock, finetune, verify
+        )
         final = rounds[-1]
         report = _report(
             config, budget, dev, space_obj, candidate, final, found, latency, rounds, timings
         )
+        report["search"]["screening_budget_ms"] = screening.latency_ms
+        report["shortlist"] = shortlist
         _write_run(run_dir, model, candidate, report, clock, timings)
         return Result(
             model,
@@ -580,7 +598,12 @@ def compress(
                 _remeasure(verdict, dev, onnx_path, (1, channels, r, r), budget)
             return verdict
 
-        tuned_model, candidate, rounds = _verify_rounds(found, lat, budget, clock, finetune, verify)
+        def choose(tried: list[str]):
+            return _rechoose(found.trials, lat, budget, tried)
+
+        tuned_model, candidate, rounds = _verify_rounds(
+            found.best_metrics, choose, lat, budget, clock, finetune, verify
+        )
         final = rounds[-1]
         report = _report(
             config, budget, dev, space_obj, candidate, final, found, lat, rounds, timings
@@ -981,26 +1004,29 @@ def _export_and_verify(
     }
 
 
-def _verify_rounds(found, latency, budget: Budget, clock, finetune, verify):
-    """Finetune, export and measure the search's choice; when it misses the budget as measured,
-    correct the latency model with the measurement and take the best untried trial the corrected
-    model admits, at most ``REPAIR_ROUNDS`` times. Returns the last model, its candidate and the
-    verdict of every round (``search`` and ``compress`` differ only in ``finetune``/``verify``)."""
+def _verify_rounds(record, choose, latency, budget: Budget, clock, finetune, verify):
+    """Finetune, export and measure ``record``'s candidate; when it misses the budget as
+    measured, correct the latency model with the measurement and take ``choose(tried keys)``,
+    at most ``REPAIR_ROUNDS`` times. Returns the last model, its candidate and the verdict of
+    every round (``search`` and ``compress`` differ in ``choose``/``finetune``/``verify``)."""
     rounds: list[dict[str, Any]] = []
-    record = found.best_metrics
     while True:
         candidate = _candidate(record)
         with clock(f"finetune#{len(rounds) + 1}"):
             model, tuned = finetune(candidate, record)
         with clock(f"export+verify#{len(rounds) + 1}"):
             verdict = verify(model, candidate)
-        verdict["predicted_latency_ms"] = float(latency.predict([candidate])[0])
+        # What the choice was made with (a later correction of the model does not rewrite it).
+        predicted = record.get("latency_predicted_ms")
+        if predicted is None:
+            predicted = latency.predict([candidate])[0]
+        verdict["predicted_latency_ms"] = float(predicted)
         verdict["finetune"] = tuned
         rounds.append(verdict)
         if verdict["meets_budget"] or len(rounds) >= REPAIR_ROUNDS:
             return model, candidate, rounds
         latency.correct(candidate, verdict["measured"]["median_ms"])
-        record = _rechoose(found.trials, latency, budget, tried=[r["key"] for r in rounds])
+        record = choose([r["key"] for r in rounds])
         if record is None:
             return model, candidate, rounds
 
@@ -1014,6 +1040,67 @@ def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, t
         write_report(run_dir, report)
     report["timings_s"] = timings
     write_report(run_dir, report)
+
+
+#: Most accurate candidates measured on the device before one is finetuned.
+SHORTLIST = 12
+
+
+def _screening(budget: Budget, slack: float) -> Budget:
+    """The budget the search screens candidates with: the latency term widened by the latency
+    model's measured over-prediction, so that candidates it wrongly puts over the budget are
+    still evaluated (the device decides among them, :func:`_measured_choice`)."""
+    if budget.latency_ms is None:
+        return budget
+    return replace(budget, latency_ms=budget.latency_ms * (1.0 + slack))
+
+
+def _measured_choice(trials, latency, budget: Budget, tried: list[str], log: list):
+    """The most accurate evaluated candidate that meets the budget *as measured on the device*.
+
+    The search screens with predicted latency; a prediction off by 20-30% either way (as the
+    space model is for mixed-precision multi-resolution candidates) would otherwise pick a model
+    far under the budget, or one that misses it. So the most accurate candidates whose exact terms
+    meet the budget are measured (``SHORTLIST`` at most, export + fastest of two medians each) and
+    the first that meets it wins; each measurement also corrects the latency model. If none does,
+    the corrected model chooses among the rest. Every measurement is appended to ``log``.
+    """
+    from autocomp.spaces import Candidate
+
+    if budget.latency_ms is None:
+        return _rechoose(trials, latency, budget, tried)
+    exact = replace(budget, latency_ms=None)
+    rows = [
+        t
+        for t in trials
+        if t["accuracy"] is not None
+        and t["candidate"] is not None
+        and Candidate.from_dict(t["candidate"]).key() not in tried
+        and exact.is_met(**{k: t[k] for k in exact.terms()})
+    ]
+    measured = {m["key"]: m["latency_measured_ms"] for m in log}
+    fresh = 0
+    for row in sorted(rows, key=lambda t: -t["accuracy"]):
+        candidate = Candidate.from_dict(row["candidate"])
+        key = candidate.key()
+        if key not in measured:
+            if fresh == SHORTLIST:
+                break
+            fresh += 1
+            measured[key] = latency.measure(candidate)
+            latency.correct(candidate, measured[key])
+            log.append(
+                {
+                    "number": row["number"],
+                    "key": key,
+                    "accuracy": row["accuracy"],
+                    "latency_predicted_ms": row.get("latency_predicted_ms"),
+                    "latency_measured_ms": measured[key],
+                }
+            )
+        if measured[key] <= budget.latency_ms:
+            return row | {"latency_measured_ms": measured[key]}
+    return _rechoose(trials, latency, budget, [*tried, *measured])
 
 
 def _rechoose(trials, latency, budget: Budget, tried: list[str]):

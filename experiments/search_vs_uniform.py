@@ -26,6 +26,7 @@ Exit status 1 when the searched model is less accurate (test split) than the bes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -81,6 +82,11 @@ def main() -> int:
         supernet=args.supernet,
     )
     print(f"search: {time.perf_counter() - start:.0f} s (load at start {load:.1f})", flush=True)
+    for m in json.loads((out / "report.json").read_text())["shortlist"]:
+        print(
+            f"  shortlist trial {m['number']:>3}: val {m['accuracy']:.2%}, predicted "
+            f"{m['latency_predicted_ms']:.3f} ms, measured {m['latency_measured_ms']:.3f} ms"
+        )
 
     # The same context the pipeline built: data split, BN batches, supernet, latency model.
     dataset = data.load(args.data)
@@ -113,8 +119,8 @@ def main() -> int:
             predicted = dict(zip((c.key() for c in grid), latency.predict(grid), strict=True))
             chosen = None
             for cand in grid:  # widest first; measure those the model says may fit
-                if predicted[cand.key()] > 1.3 * budget.latency_ms:
-                    continue
+                if predicted[cand.key()] > (1 + latency.slack_) * budget.latency_ms:
+                    continue  # as the search screens (api._screening)
                 if latency.measure(cand) <= budget.latency_ms:
                     chosen = cand
                     break

@@ -9,7 +9,7 @@ import pytest
 from tiny_spaces import tiny_space
 
 from autocomp.hardware.base import DeviceInfo, Measurement
-from autocomp.latency.space import PASSES, SpaceLatency, default_cache
+from autocomp.latency.space import MAX_SLACK, PASSES, SpaceLatency, default_cache
 from autocomp.spaces import Candidate
 
 INFO = DeviceInfo("cpu", "onnxruntime", "0", "test-cpu", 1, 1, "CPUExecutionProvider")
@@ -103,3 +103,36 @@ def test_cache_key_follows_what_shapes_the_networks(tmp_path):
     assert base != default_cache(tiny_space("mbv3", tmp_path, in_channels=1), device)
     assert base != default_cache(tiny_space("mbv3", tmp_path, num_classes=4), device)
     assert INFO.profile in str(base)
+
+
+class SkewedDevice(FakeDevice):
+    """Not additive: candidates with an odd count of int8 layers run 40% faster than the sum of
+    their layers says."""
+
+    def measure(self, onnx_model, input_shape, *, profile=False):
+        m = super().measure(onnx_model, input_shape)
+        candidate = Candidate.from_dict(json.loads(onnx_model))
+        fast = 0.6 if sum(b == 8 for b in candidate.bits.values()) % 2 else 1.0
+        return Measurement(m.median_ms * fast, m.p10_ms, m.p90_ms, m.samples, m.info)
+
+
+def test_slack_is_the_measured_over_prediction(space, tmp_path):
+    exact = SpaceLatency.fit(
+        space, FakeDevice(space), to_onnx, 30, cache=tmp_path / "a.jsonl", progress=False
+    )
+    assert exact.slack_ == pytest.approx(0.0, abs=0.02)  # an additive device is learnt exactly
+    skewed = SpaceLatency.fit(
+        space, SkewedDevice(space), to_onnx, 30, cache=tmp_path / "b.jsonl", progress=False
+    )
+    assert 0.1 < skewed.slack_ <= MAX_SLACK
+    assert skewed.summary()["slack"] == skewed.slack_
+
+
+def test_measure_is_the_fastest_of_the_passes(space, tmp_path):
+    device = FakeDevice(space)
+    model = SpaceLatency.fit(space, device, to_onnx, 4, cache=tmp_path / "c.jsonl", progress=False)
+    device.__class__ = BurstyDevice  # from now on, a burst slows the first measurement
+    device.calls, device.burst = 0, 1
+    candidate = space.largest()
+    assert model.measure(candidate) == pytest.approx(1e-5 * space.cost(candidate).macs)
+    assert device.calls == PASSES
