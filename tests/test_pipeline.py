@@ -143,3 +143,22 @@ def test_the_device_decides_among_the_most_accurate(tmp_path, monkeypatch):
 def test_the_search_screens_with_the_latency_models_slack():
     assert api._screening(Budget.parse("2ms,1MB"), 0.25) == Budget.parse("2.5ms,1MB")
     assert api._screening(Budget.parse("1MB"), 0.25) == Budget.parse("1MB")
+
+
+def test_candidates_are_measured_as_trained_networks_deploy(tmp_path):
+    """Fresh BatchNorms fold into equal biases, which the exporter shares (Identity nodes) and
+    ORT then runs unfused and far slower: the latency model must not be fitted on such graphs."""
+    import onnx
+
+    space = tiny_space("mbv3", tmp_path, in_channels=1)
+    batches = [torch.randn(16, 1, 32, 32)]
+    values = space.values(space.largest())
+    candidate = space.from_values({k: 8 if k.startswith("bits.") else v for k, v in values.items()})
+    data, shape = api._to_onnx(space, batches)(candidate)
+    graph = onnx.load_from_string(data).graph
+    assert shape == (1, 1, candidate.resolution, candidate.resolution)
+    assert "Identity" not in {n.op_type for n in graph.node}
+    weights = [t.name for t in graph.initializer]
+    assert len(weights) == len(set(weights))
+    convs = sum(n.op_type == "Conv" for n in graph.node)
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 2 * convs  # int8 throughout

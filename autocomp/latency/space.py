@@ -171,8 +171,9 @@ class SpaceLatency:
 #: pass's medians lay within 5% of the fastest. Passes far apart in time rarely both hit a burst.
 PASSES = 2
 
-#: How the measurements in a cache were taken; a change of protocol starts a new cache.
-PROTOCOL = f"fastest-of-{PASSES}"
+#: How the measurements in a cache were taken; a change of protocol starts a new cache. (Until
+#: "bn-export", candidates were exported with fresh BatchNorms, see ``autocomp.api._to_onnx``.)
+PROTOCOL = f"fastest-of-{PASSES}, bn-export"
 
 #: Folds of the cross-validation that measures the model's error.
 FOLDS = 5
