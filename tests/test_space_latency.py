@@ -136,3 +136,16 @@ def test_measure_is_the_fastest_of_the_passes(space, tmp_path):
     candidate = space.largest()
     assert model.measure(candidate) == pytest.approx(1e-5 * space.cost(candidate).macs)
     assert device.calls == PASSES
+
+
+def test_a_measured_candidate_is_predicted_as_measured(space, tmp_path):
+    model = SpaceLatency.fit(
+        space, FakeDevice(space), to_onnx, 12, cache=tmp_path / "d.jsonl", progress=False
+    )
+    rng = np.random.default_rng(5)
+    measured, other = space.sample(rng), space.sample(rng)
+    before = model.predict([other])[0]
+    model.add(measured, 123.0)
+    assert model.predict([measured, other])[0] == 123.0
+    assert model.scale_ == 1.0  # adding a measurement is not a correction
+    assert model.predict([other])[0] == pytest.approx(before, rel=0.5)

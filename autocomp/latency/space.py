@@ -12,9 +12,11 @@ bits, each the fastest of :data:`PASSES` medians taken in separate passes), whic
 device profile and space so later runs reuse them.
 Its error is measured too (:attr:`SpaceLatency.slack_`, by cross-validation), because the
 search only screens with it: candidates predicted up to that much over a latency budget are still
-evaluated, and the device decides among the most accurate (``autocomp.api``). Verification
-measurements correct it: a candidate measured slower than predicted raises a multiplicative
-safety factor, so the next choice is made with the truth in hand.
+evaluated, and the device decides among the most accurate (``autocomp.api``). A candidate it has
+measured is predicted as measured, and the pipeline adds the measurements it takes on the way
+(search seeds, the shortlist). Verification measurements correct it: a candidate measured slower
+than predicted raises a multiplicative safety factor for every other, so the next choice is made
+with the truth in hand.
 """
 
 from __future__ import annotations
@@ -100,10 +102,18 @@ class SpaceLatency:
         data, shape = self.to_onnx(candidate)
         return min(float(self.device.measure(data, shape).median_ms) for _ in range(PASSES))
 
-    def predict(self, candidates: Sequence[Any]) -> np.ndarray:
-        """Predicted milliseconds, safety factor included."""
+    def predict(self, candidates: Sequence[Any], *, measured: bool = True) -> np.ndarray:
+        """Predicted milliseconds, safety factor included; a candidate measured on the device
+        is predicted as measured (unless ``measured=False``: the model's own estimate)."""
         assert self.coef_ is not None, "fit first"
-        return self.scale_ * self._predict(self.coef_, self.predictor_, list(candidates))
+        candidates = list(candidates)
+        out = self.scale_ * self._predict(self.coef_, self.predictor_, candidates)
+        if not measured:
+            return out
+        measured_ms = {r["id"]: r["median_ms"] for r in self.records_}
+        for i, candidate in enumerate(candidates):
+            out[i] = measured_ms.get(candidate.key(), out[i])
+        return out
 
     def _predict(
         self, coef: np.ndarray, trees: ArchPredictor | None, candidates: list[Any]
@@ -111,11 +121,16 @@ class SpaceLatency:
         prior = structure(self.space, candidates) @ coef
         return prior if trees is None else prior * trees.predict(self.space.encode(candidates))
 
-    def correct(self, candidate: Any, measured_ms: float) -> None:
-        """Learn from a verification measurement: keep it, refit, and never under-predict it."""
+    def add(self, candidate: Any, measured_ms: float) -> None:
+        """Learn from one more measurement (:meth:`measure`'s): keep it and refit."""
         self._keep(candidate, measured_ms)
         self._refit(0)
-        predicted = float(self.predict([candidate])[0])
+
+    def correct(self, candidate: Any, measured_ms: float) -> None:
+        """Learn from a verification measurement: keep it, refit, and, where the model
+        under-predicts it, raise the safety factor for every candidate not measured."""
+        self.add(candidate, measured_ms)
+        predicted = float(self.predict([candidate], measured=False)[0])
         if measured_ms > predicted:
             self.scale_ *= measured_ms / predicted
 
