@@ -187,7 +187,8 @@ def export_timm(name: str, res: int, mixed: bool, seed: int) -> onnx.ModelProto:
 def mbv3_model(space, candidate) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     """The candidate as deployed: fp32 export, its 8-bit layers quantized to QDQ."""
     shape = (1, space.in_channels, candidate.resolution, candidate.resolution)
-    model = name_nodes(generator.export_onnx(space.build(candidate).eval(), shape))
+    net = generator.trained_like(space.build(candidate).eval())
+    model = name_nodes(generator.export_onnx(net, shape))
     plan = space.plan(candidate)
     nodes = quantizable_nodes(model)
     chosen = [n for n, spec in zip(nodes, plan.layers.values(), strict=True) if spec.bits == 8]
