@@ -49,7 +49,18 @@ def test_search_end_to_end(tiny, tmp_path, capsys):
     assert chosen["size_bytes"] == (run / "model.onnx").stat().st_size <= 5e6
     assert 0 <= chosen["accuracy"]["onnx"] <= 1 and 0 <= chosen["accuracy"]["torch"] <= 1
     assert chosen["flops"] == 2 * chosen["macs"]
-    assert {"latency model", "supernet", "search", "report"} <= set(report["timings_s"])
+    assert {"latency model", "supernet", "search", "shortlist", "arbitration", "report"} <= set(
+        report["timings_s"]
+    )
+    # The device decided which contenders to finetune (each measured first), then the finetune.
+    key = Candidate.from_dict(chosen["candidate"]).key()
+    winner = [row for row in report["arbitration"] if row.get("chosen")]
+    assert [row["key"] for row in winner] == [key]
+    assert winner[0]["finetuned_val_accuracy"] == chosen["accuracy"]["finetuned_val"]
+    measured = {m["key"]: m["latency_measured_ms"] for m in report["shortlist"]}
+    ranked = [row["key"] for row in report["arbitration"] if not row["baseline"]]
+    assert ranked and all(measured[k] <= 50 for k in ranked)
+    assert report["search"]["screening_budget_ms"] >= 50
     # model.pt is safe to load and rebuilds the chosen network.
     state = torch.load(run / "model.pt", weights_only=True)
     candidate = Candidate.from_json(state["candidate"])
@@ -95,8 +106,11 @@ class KnownLatency:
     def correct(self, candidate, ms):
         self.corrected.append((candidate.key(), ms))
 
-    def predict(self, candidates):
+    def predict(self, candidates, measured=True):
         return np.array([self.predicted[c.key()] for c in candidates])
+
+
+EXACT = 10**9  # validation images: scores are exact, no two are tied
 
 
 def test_the_device_decides_among_the_most_accurate(tmp_path, monkeypatch):
@@ -112,6 +126,7 @@ def test_the_device_decides_among_the_most_accurate(tmp_path, monkeypatch):
             "candidate": c.to_dict(),
             "latency_predicted_ms": pred,
             "flops": 1e6,
+            "macs": 5e5,
         }
         for i, (c, (acc, pred, _)) in enumerate(zip(candidates, table, strict=False))
     ]
@@ -125,19 +140,147 @@ def test_the_device_decides_among_the_most_accurate(tmp_path, monkeypatch):
     budget = Budget.parse("1ms,1GFLOPs")
     log: list = []
     # Predicted under the budget but measured over: skipped; predicted over, measured under: won.
-    chosen = api._measured_choice(trials, latency, budget, [], log)
+    chosen = api._measured_choice(trials, latency, budget, [], log, EXACT)
     assert chosen["number"] == 1 and chosen["latency_measured_ms"] == 0.95
+    assert chosen["latency_predicted_ms"] == 1.2  # what the model said, for the report
     assert latency.measured == keys[:2]  # most accurate first; the 9 GFLOPs one never measured
     assert [m["latency_measured_ms"] for m in log] == [1.3, 0.95]
     assert latency.corrected == [(keys[0], 1.3), (keys[1], 0.95)]
     # Once it is tried, the next is measured; nothing is measured twice.
-    again = api._measured_choice(trials, latency, budget, [keys[1]], log)
+    again = api._measured_choice(trials, latency, budget, [keys[1]], log, EXACT)
     assert again["number"] == 2 and latency.measured == keys[:3]
     # Past the shortlist, the corrected model chooses among the rest without measuring.
     monkeypatch.setattr(api, "SHORTLIST", 0)
-    rest = api._measured_choice(trials, latency, budget, [keys[1], keys[2]], log)
+    rest = api._measured_choice(trials, latency, budget, [keys[1], keys[2]], log, EXACT)
     assert rest["number"] == 3 and "latency_measured_ms" not in rest
     assert latency.measured == keys[:3]
+
+
+def test_scores_within_the_validation_noise_are_tied_and_the_largest_goes_first(tmp_path):
+    space = tiny_space("mbv3", tmp_path)
+    rng = np.random.default_rng(0)
+    small, big, bigger = sorted(
+        {c.key(): c for c in (space.sample(rng) for _ in range(6))}.values(),
+        key=lambda c: space.cost(c).macs,
+    )[:3]
+    rows = [(small, 0.90), (big, 0.88), (bigger, 0.80)]  # standard error at 100 images: 0.03
+    trials = [
+        {"number": i, "accuracy": a, "candidate": c.to_dict(), "macs": space.cost(c).macs}
+        for i, (c, a) in enumerate(rows)
+    ]
+    keys = {c.key(): 0.5 for c, _ in rows}
+    latency = KnownLatency(keys, keys)
+    chosen = api._measured_choice(trials, latency, Budget.parse("1ms"), [], [], 100)
+    assert chosen["number"] == 1  # tied with the best, and larger; 0.80 is not tied
+    assert api._measured_choice(trials, latency, Budget.parse("1ms"), [], [], EXACT)["number"] == 0
+    # Without a latency term nothing is measured; the ties are read alike.
+    latency.measured.clear()
+    no_latency = Budget.parse("1GFLOPs")
+    for t in trials:
+        t["flops"] = 2 * t["macs"]
+    assert api._measured_choice(trials, latency, no_latency, [], [], 100)["number"] == 1
+    assert latency.measured == []
+    assert (
+        api._measured_choice(
+            trials, latency, no_latency, [small.key(), big.key(), bigger.key()], [], 100
+        )
+        is None
+    )
+
+
+def test_uniform_scalings_and_search_seeds(tmp_path):
+    space = tiny_space("mbv3", tmp_path)
+    grid = api.uniform_scalings(space, 8)
+    macs = [space.cost(c).macs for c in grid]
+    assert macs == sorted(macs, reverse=True) and len(grid) == 2 * 3  # widths × keep ratios
+    assert (
+        grid[0].key()
+        == space.from_values(
+            {k: 8 if k.startswith("bits.") else v for k, v in space.values(space.largest()).items()}
+        ).key()
+    )
+    assert all(set(c.bits.values()) == {8} for c in grid)
+    assert all(c.resolution == space.largest().resolution for c in grid)
+
+    class HalfLatency:  # 1 ms per 10⁶ MACs, which the model under-predicts by half
+        def __init__(self):
+            self.added = []
+
+        def predict(self, candidates):
+            return np.array([space.cost(c).macs / 2e6 for c in candidates])
+
+        def measure(self, candidate):
+            return space.cost(candidate).macs / 1e6
+
+        def add(self, candidate, ms):
+            self.added.append(candidate.key())
+
+    limit = sorted(macs)[2] / 1e6  # the third-narrowest int8 scaling fits, no wider one
+    budget = Budget(latency_ms=limit)
+    latency = HalfLatency()
+    seeds, baselines = api._search_seeds(space, budget, api._screening(budget, 0.5), latency)
+    assert seeds[0].key() == space.largest().key()
+    assert [c.key() for c in seeds[1:]] == [c.key() for c in baselines]
+    # Per precision: measured widest first among those screening admits, the first fit kept.
+    assert [space.cost(c).macs / 1e6 for c in baselines] == [limit, limit]
+    assert grid[3].key() in {c.key() for c in seeds}
+    admitted = [c for c in grid if space.cost(c).macs / 2e6 <= 1.5 * limit]
+    assert latency.added[: 1 + admitted.index(grid[3])] == [
+        c.key() for c in admitted[: 1 + admitted.index(grid[3])]
+    ]
+    # Without a latency term nothing is measured: the widest that meets the budget is taken.
+    latency.added.clear()
+    flops = Budget(flops=2 * sorted(macs)[2])
+    assert [c.key() for c in api._search_seeds(space, flops, flops, latency)[1]] == [
+        grid[3].key(),
+        api.uniform_scalings(space, 32)[3].key(),
+    ]
+    assert latency.added == []
+
+
+def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_decides(tmp_path):
+    space = tiny_space("mbv3", tmp_path)
+    rng = np.random.default_rng(1)
+    a, b, c, d, e, base = list(
+        {x.key(): x for x in (space.sample(rng) for _ in range(12))}.values()
+    )[:6]
+    rows = [(a, 0.9), (b, 0.8), (c, 0.7), (d, 0.6), (e, 0.55), (base, 0.5)]
+    trials = [
+        {"number": i, "accuracy": acc, "candidate": x.to_dict(), "macs": 1, "flops": 2}
+        for i, (x, acc) in enumerate(rows)
+    ]
+    measured = dict(zip([x.key() for x, _ in rows], [0.5, 2.0, 0.7, 0.9, 0.95, 0.8], strict=True))
+    predicted = dict.fromkeys(measured, 0.7) | {d.key(): 0.95, e.key(): 0.85}
+    latency = KnownLatency(predicted, measured)
+    budget = Budget.parse("1ms")
+    log: list = []
+
+    def choose(tried, among=trials):
+        return api._measured_choice(among, latency, budget, tried, log, EXACT)
+
+    contenders = api._contenders(choose, trials, [base], latency, budget)
+    # b measured over the budget: the two measured best are a and c; then the best of those
+    # predicted to use 80% of the budget or more (d, e), d; then the baseline.
+    assert [r["number"] for r in contenders] == [0, 2, 3, 5]
+    assert [r.get("baseline", False) for r in contenders] == [False, False, False, True]
+    assert contenders[-1]["latency_predicted_ms"] == 0.7  # the model's own estimate
+    assert latency.measured == [a.key(), b.key(), c.key(), d.key()]
+    # The finetune decides: the baseline wins on validation after it.
+    after = {a.key(): 0.91, c.key(): 0.93, d.key(): 0.92, base.key(): 0.95}
+    tuned = []
+
+    def finetune(candidate, record):
+        tuned.append(candidate.key())
+        return None, {"val_accuracy": after[candidate.key()]}
+
+    chosen, table = api._arbitrate(contenders, finetune)
+    assert chosen["number"] == 5 and tuned == [a.key(), c.key(), d.key(), base.key()]
+    assert [row.get("chosen", False) for row in table] == [False, False, False, True]
+    assert [row["finetuned_val_accuracy"] for row in table] == [0.91, 0.93, 0.92, 0.95]
+    # Equals: the ranking's order decides.
+    after = dict.fromkeys(after, 0.9)
+    assert api._arbitrate(contenders, finetune)[0]["number"] == 0
+    assert api._arbitrate([], finetune) == (None, [])
 
 
 def test_the_search_screens_with_the_latency_models_slack():
