@@ -328,15 +328,9 @@ def search(
 
         def verify(model, candidate):
             cost = space_obj.cost(candidate).to_dict()
-            verdict = _export_and_verify(
+            return _export_and_verify(
                 model, candidate, cost, dataset, bn_batches, dev, budget, run_dir
             )
-            if not verdict["meets_budget"]:
-                _remeasure(verdict, dev, run_dir / "model.onnx", shape_of(candidate), budget)
-            return verdict
-
-        def shape_of(candidate):
-            return (1, dataset.input_shape[0], candidate.resolution, candidate.resolution)
 
         model, candidate, rounds = _verify_rounds(
             first, choose, latency, budget, clock, finetune, verify
@@ -619,8 +613,6 @@ def compress(
                 export=export_policy,
             )
             verdict["agreement"] = agreement(model, onnx_path, test, r)
-            if not verdict["meets_budget"]:
-                _remeasure(verdict, dev, onnx_path, (1, channels, r, r), budget)
             return verdict
 
         def choose(tried: list[str]):
@@ -1073,7 +1065,8 @@ def _export_and_verify(
     model, candidate, exact, dataset, bn_batches, dev, budget: Budget, run_dir, export=None
 ):
     """Export as deployed (``export``: default :func:`~autocomp.quant.export.export_onnx`),
-    score torch vs ONNX on the test split, measure on the device."""
+    score torch vs ONNX on the test split, measure on the device (again on a latency miss,
+    :func:`_remeasure`)."""
     from autocomp.quant.export import export_onnx, onnx_accuracy
     from autocomp.supernet.train import evaluate
 
@@ -1085,7 +1078,7 @@ def _export_and_verify(
     test = (dataset.x_test, dataset.y_test)
     measured = dev.measure(info.path, shape)
     costs = {**exact, "latency_ms": measured.median_ms, "size_bytes": info.size_bytes}
-    return {
+    verdict = {
         "key": candidate.key(),
         "accuracy": {"torch": evaluate(model, test, r), "onnx": onnx_accuracy(info.path, test, r)},
         "measured": measured.to_dict() | {"samples": len(measured.samples)},
@@ -1094,6 +1087,8 @@ def _export_and_verify(
         "violations": budget.violations(**{k: costs[k] for k in budget.terms()}),
         "meets_budget": budget.is_met(**{k: costs[k] for k in budget.terms()}),
     }
+    _remeasure(verdict, dev, info.path, shape, budget)
+    return verdict
 
 
 def _verify_rounds(record, choose, latency, budget: Budget, clock, finetune, verify):
@@ -1183,31 +1178,30 @@ def _measured_choice(trials, latency, budget: Budget, tried: list[str], log: lis
         ranked = tied + [t for t in ranked if t["accuracy"] < band]
     if budget.latency_ms is None:
         return ranked[0] if ranked else None
-    measured = {m["key"]: m["latency_measured_ms"] for m in log}
+    logged = {m["key"]: m for m in log}
     fresh = 0
     for row in ranked:
         candidate = Candidate.from_dict(row["candidate"])
         key = candidate.key()
-        if key not in measured:
+        if key not in logged:
             if fresh == SHORTLIST:
                 break
             fresh += 1
             estimate = float(latency.predict([candidate], measured=False)[0])
-            measured[key] = latency.measure(candidate)
-            latency.correct(candidate, measured[key])
-            log.append(
-                {
-                    "number": row["number"],
-                    "key": key,
-                    "accuracy": row["accuracy"],
-                    "latency_predicted_ms": estimate,  # the model's, not a seed's measurement
-                    "latency_measured_ms": measured[key],
-                }
-            )
-        if measured[key] <= budget.latency_ms:
-            estimate = next(m["latency_predicted_ms"] for m in log if m["key"] == key)
-            return row | {"latency_predicted_ms": estimate, "latency_measured_ms": measured[key]}
-    return _rechoose(trials, latency, budget, [*tried, *measured])
+            ms = latency.measure(candidate)
+            latency.correct(candidate, ms)
+            logged[key] = {
+                "number": row["number"],
+                "key": key,
+                "accuracy": row["accuracy"],
+                "latency_predicted_ms": estimate,  # the model's, not a seed's measurement
+                "latency_measured_ms": ms,
+            }
+            log.append(logged[key])
+        m = logged[key]
+        if m["latency_measured_ms"] <= budget.latency_ms:
+            return row | {k: m[k] for k in ("latency_predicted_ms", "latency_measured_ms")}
+    return _rechoose(trials, latency, budget, [*tried, *logged])
 
 
 #: Candidates of the ranking (:func:`_measured_choice`) finetuned before one is chosen.
@@ -1229,6 +1223,9 @@ def _contenders(choose, trials, baselines, latency, budget: Budget) -> list[dict
     def key(row):
         return Candidate.from_dict(row["candidate"]).key()
 
+    evaluated = {
+        key(t): t for t in trials if t["accuracy"] is not None and t["candidate"] is not None
+    }
     picks: list[dict[str, Any]] = []
     while len(picks) < CONTENDERS:
         row = choose([key(r) for r in picks])
@@ -1236,7 +1233,7 @@ def _contenders(choose, trials, baselines, latency, budget: Budget) -> list[dict
             break
         picks.append(row)
     if budget.latency_ms and picks:
-        rows = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
+        rows = list(evaluated.values())
         predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
         filling = [
             t for t, ms in zip(rows, predicted, strict=True) if ms >= FILLS * budget.latency_ms
@@ -1245,13 +1242,8 @@ def _contenders(choose, trials, baselines, latency, budget: Budget) -> list[dict
         if row is not None and "latency_measured_ms" in row:
             picks.append(row)
     chosen = {key(r) for r in picks}
-    by_key = {
-        Candidate.from_dict(t["candidate"]).key(): t
-        for t in trials
-        if t["accuracy"] is not None and t["candidate"] is not None
-    }
     for baseline in baselines:
-        row = by_key.get(baseline.key())
+        row = evaluated.get(baseline.key())
         if row is not None and baseline.key() not in chosen:
             estimate = float(latency.predict([baseline], measured=False)[0])
             picks.append(row | {"latency_predicted_ms": estimate, "baseline": True})
@@ -1269,11 +1261,12 @@ def _arbitrate(contenders, finetune) -> tuple[dict[str, Any] | None, list[dict[s
 
     table = []
     for row in contenders:
-        _, tuned = finetune(Candidate.from_dict(row["candidate"]), row)
+        candidate = Candidate.from_dict(row["candidate"])
+        _, tuned = finetune(candidate, row)
         table.append(
             {
                 "number": row["number"],
-                "key": Candidate.from_dict(row["candidate"]).key(),
+                "key": candidate.key(),
                 "baseline": bool(row.get("baseline")),
                 "inherited_val_accuracy": row["accuracy"],
                 "finetuned_val_accuracy": tuned["val_accuracy"],
