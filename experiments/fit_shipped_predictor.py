@@ -66,7 +66,7 @@ def main() -> None:
         f"--command '{args.command}'",
         "fit_s": round(time.time() - t0, 1),
         "fitted_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "note": "measured on a shared 2-core VM while other jobs ran (see the load average); "
+        "note": "measured on a shared 2-core VM (its load: measurement_load_average); "
         "accuracy and the repeatability floor: experiments/latency_predictors.py",
     }
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

@@ -319,6 +319,35 @@ def test_transfer_recovers_a_faster_device(dataset):
     assert np.all(prior.predict(models) / y > 1.7)
 
 
+@pytest.mark.slow
+def test_transfer_keeps_the_prior_where_it_already_fits(dataset):
+    records = read_records(dataset)
+    prior = KernelPredictor(n_estimators=50, min_samples=5, device=INFO).fit(
+        *kernel_inputs(records)
+    )
+    # Another profile whose latencies are the prior's predictions up to 5% noise: a correction
+    # could only fit the noise.
+    other = replace(INFO, batch=4)
+    models = kernel_inputs(records)[0]
+    rng = np.random.default_rng(0)
+    noisy = []
+    for r, p in zip(records, prior.predict(models), strict=True):
+        f = p / r["median_ms"]
+        noisy.append(
+            {
+                **r,
+                "median_ms": p * np.exp(rng.normal(0, 0.05)),
+                "device": other.to_dict(),
+                "node_times_ms": {
+                    n: t * f * np.exp(rng.normal(0, 0.05)) for n, t in r["node_times_ms"].items()
+                },
+            }
+        )
+    adapted = adapt(prior, noisy)
+    assert adapted.device.profile == other.profile
+    np.testing.assert_array_equal(adapted.predict(models), prior.predict(models))
+
+
 def test_metrics_by_hand():
     m = latency_metrics([10, 20, 30, 40], [10.4, 21.5, 36, 38])
     assert m["n"] == 4
