@@ -61,22 +61,30 @@ def adapt(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> KernelPr
     as it is where the correction does not cross-validate better (module docstring)."""
     from autocomp.hardware.base import DeviceInfo
 
-    corrected = _corrected(prior, records)
-    folds = np.array_split(np.random.default_rng(0).permutation(len(records)), FOLDS)
-    folds = [f for f in folds if len(f) and len(f) < len(records)]
     models, y, _ = kernel_inputs(records)
-    errors = []
-    for fold in folds:
-        held = set(fold.tolist())
-        fitted = _corrected(prior, [r for i, r in enumerate(records) if i not in held])
-        errors.append(np.abs(np.log(fitted.predict([models[i] for i in fold]) / y[fold])))
-    if folds and np.mean(np.concatenate(errors)) >= np.mean(
-        np.abs(np.log(prior.predict(models) / y))
-    ):
-        as_is = copy.deepcopy(prior)
-        as_is.device = DeviceInfo.from_dict(records[0]["device"])
-        return as_is
-    return corrected
+    order = np.random.default_rng(0).permutation(len(records))
+    folds = [f for f in np.array_split(order, FOLDS) if 0 < len(f) < len(records)]
+    if folds:
+        held_out_errors = np.concatenate(
+            [
+                _log_errors(
+                    _corrected(prior, [records[i] for i in np.setdiff1d(order, fold)]),
+                    [models[i] for i in fold],
+                    y[fold],
+                )
+                for fold in folds
+            ]
+        )
+        if held_out_errors.mean() >= _log_errors(prior, models, y).mean():
+            as_is = copy.deepcopy(prior)
+            as_is.device = DeviceInfo.from_dict(records[0]["device"])
+            return as_is
+    return _corrected(prior, records)
+
+
+def _log_errors(predictor: KernelPredictor, models: list, y: np.ndarray) -> np.ndarray:
+    """|log(predicted / measured)| per model."""
+    return np.abs(np.log(predictor.predict(models) / y))
 
 
 def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> KernelPredictor:
