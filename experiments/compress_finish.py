@@ -15,7 +15,7 @@ any after-finetune choice see only the former. (The original was trained on seed
 part; for the other seeds part of the validation split was in its training data, as it is for a
 user's model trained on all its data, and distillation carries that into the students.)
 
-    .venv/bin/python experiments/compress_finish.py      # ~5 minutes on 2 cores
+    .venv/bin/python experiments/compress_finish.py      # ~15 minutes on 2 cores
     .venv/bin/python experiments/compress_finish.py --policies 0.625:32 0.75:8 --seeds 0 1 2 3 4
 """
 
