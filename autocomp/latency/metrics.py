@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import kendalltau
 
 METRIC_KEYS = ("n", "within_5_pct", "within_10_pct", "rmse_ms", "mape_pct", "kendall_tau")
+#: Folds of the cross-validations that judge a latency model on its own measurements.
+FOLDS = 5
 
 
 def latency_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
@@ -38,3 +40,17 @@ def latency_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[st
         "mape_pct": float(100 * np.mean(rel)),
         "kendall_tau": tau,
     }
+
+
+def out_of_fold(
+    n: int, fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray], seed: int = 0
+) -> np.ndarray:
+    """Each of ``n`` (≥ 2) measurements predicted once by a model fitted without it:
+    ``fit_predict(fit, rest)`` fits on the indices ``fit`` and predicts those in ``rest``
+    (:data:`FOLDS` folds of a seeded permutation)."""
+    folds = np.random.default_rng(seed).permutation(n) % FOLDS
+    predicted = np.empty(n, dtype=float)
+    for k in np.unique(folds):
+        fit, rest = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        predicted[rest] = fit_predict(fit, rest)
+    return predicted

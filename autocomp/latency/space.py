@@ -31,7 +31,7 @@ import numpy as np
 
 from autocomp.hardware.base import Device
 from autocomp.latency.dataset import append_record, read_records
-from autocomp.latency.metrics import latency_metrics
+from autocomp.latency.metrics import latency_metrics, out_of_fold
 from autocomp.latency.predictors import ArchPredictor, fit_nonnegative
 from autocomp.latency.store import cache_dir
 
@@ -157,12 +157,14 @@ class SpaceLatency:
         # Held-out accuracy (reported in the run's report) and slack, from out-of-fold
         # predictions: every measurement is predicted once by a model fitted without it.
         if len(y) >= 10:
-            folds = np.random.default_rng(seed).permutation(len(y)) % FOLDS
-            predicted = np.empty_like(y)
-            for k in range(FOLDS):
-                fit, rest = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-                model = self._fit([candidates[i] for i in fit], y[fit], seed)
-                predicted[rest] = self._predict(*model, [candidates[i] for i in rest])
+            predicted = out_of_fold(
+                len(y),
+                lambda fit, rest: self._predict(
+                    *self._fit([candidates[i] for i in fit], y[fit], seed),
+                    [candidates[i] for i in rest],
+                ),
+                seed,
+            )
             self.holdout_ = latency_metrics(y, predicted)
             over = np.maximum(predicted / y - 1.0, 0.0)
             self.slack_ = float(min(np.quantile(over, SLACK_QUANTILE), MAX_SLACK))
@@ -189,9 +191,6 @@ PASSES = 2
 #: How the measurements in a cache were taken; a change of protocol starts a new cache. (Until
 #: "bn-export", candidates were exported with fresh BatchNorms, see ``autocomp.api._to_onnx``.)
 PROTOCOL = f"fastest-of-{PASSES}, bn-export"
-
-#: Folds of the cross-validation that measures the model's error.
-FOLDS = 5
 
 #: :attr:`SpaceLatency.slack_` is this quantile of the held-out over-prediction (predicted /
 #: measured - 1), capped at :data:`MAX_SLACK` so that a poor model cannot send the search far
