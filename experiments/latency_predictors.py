@@ -82,7 +82,9 @@ TIMM_MODELS = (
 MACS = FEATURE_NAMES.index("macs")
 #: One session of the truth: shorter than the device's default (2 s of runs), as there are six
 #: per model; the median of >= 0.5 s of runs after >= 0.2 s of warm-up.
-TRUTH_TIMING = Timing(warmup_runs=3, warmup_s=0.2, max_warmup_s=2.0, min_runs=10, min_s=0.5)
+TRUTH_TIMING = Timing(
+    warmup_runs=3, warmup_s=0.2, max_warmup_s=2.0, min_runs=10, min_s=0.5, sessions=1
+)
 
 
 def load() -> str:

@@ -100,7 +100,9 @@ def main() -> int:
         device = hardware.get_device("cpu")
         latency = SpaceLatency.fit(
             space,
-            hardware.get_device("cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20)),
+            hardware.get_device(
+                "cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20, sessions=1)
+            ),
             api._to_onnx(space, bn_batches),
             effort.latency_samples,
             seed=args.seed,

@@ -17,8 +17,8 @@ from autocomp.hardware.ort_device import OrtDevice, node_times
 from autocomp.hardware.timing import BLOCK, steady, summarize, time_runs
 from autocomp.hardware.torch_device import NO_CUDA, TorchDevice
 
-#: Quick but still honest timing for tests: 30 samples after a short warm-up.
-FAST = Timing(warmup_runs=3, warmup_s=0.0, min_runs=30, min_s=0.05, max_runs=300)
+#: Quick but still honest timing for tests: 30 samples of one session after a short warm-up.
+FAST = Timing(warmup_runs=3, warmup_s=0.0, min_runs=30, min_s=0.05, max_runs=300, sessions=1)
 
 
 @pytest.fixture
@@ -28,11 +28,12 @@ def model_path(tmp_path):
     return path
 
 
-def _check_stats(m: hardware.Measurement, min_samples: int = 30) -> None:
+def _check_stats(m: hardware.Measurement, min_samples: int = 30, sessions: int = 1) -> None:
     assert len(m.samples) >= min_samples
     assert all(s > 0 for s in m.samples)
     assert m.p10_ms <= m.median_ms <= m.p90_ms
-    assert m.median_ms == pytest.approx(float(np.median(steady(list(m.samples)))))
+    if sessions == 1:  # several: see test_default_timing_splits_the_runs_over_fresh_sessions
+        assert m.median_ms == pytest.approx(float(np.median(steady(list(m.samples)))))
     assert m.p10_ms == pytest.approx(min(m.median_ms, float(np.percentile(m.samples, 10))))
     assert m.p90_ms == pytest.approx(max(m.median_ms, float(np.percentile(m.samples, 90))))
 
@@ -52,12 +53,28 @@ def test_cpu_measures_a_model_file(model_path):
     assert info.runtime_version == __import__("onnxruntime").__version__
 
 
-def test_default_timing_warms_up_and_repeats_enough():
+def test_default_timing_splits_the_runs_over_fresh_sessions(monkeypatch):
+    sessions = []
+    time_session = OrtDevice._time_session
+
+    def spy(self, source, shape):
+        sessions.append(time_session(self, source, shape))
+        return sessions[-1]
+
+    monkeypatch.setattr(OrtDevice, "_time_session", spy)
     m = get_device("cpu").measure(conv_net(), (1, 3, 32, 32))
-    _check_stats(m)
     defaults = Timing()
-    # Either min_s seconds of samples or the cap on runs, whichever comes first.
-    assert sum(m.samples) / 1e3 >= defaults.min_s or len(m.samples) == defaults.max_runs
+    assert len(sessions) == defaults.sessions == 3
+    assert m.samples == tuple(t for runs in sessions for t in runs)
+    # The median of the sessions' steady medians; the tails over every sample.
+    assert m.median_ms == pytest.approx(float(np.median([np.median(steady(s)) for s in sessions])))
+    assert m.p10_ms == pytest.approx(min(m.median_ms, float(np.percentile(m.samples, 10))))
+    # Each session makes its share: min_s / 3 seconds of samples, or its share of the run cap.
+    share = defaults.per_session()
+    assert (share.min_runs, share.max_runs, share.sessions) == (10, 667, 1)
+    for runs in sessions:
+        assert len(runs) >= share.min_runs
+        assert sum(runs) / 1e3 >= defaults.min_s / 3 or len(runs) == share.max_runs
 
 
 def test_the_median_leaves_out_bursts_of_interference_but_not_the_tail():
@@ -79,6 +96,8 @@ def test_clock_is_thread_cpu_time_only_when_the_work_is_in_the_calling_thread():
     assert TorchDevice().info.extra["clock"] == "thread"
     with pytest.raises(AutocompError, match="unknown clock 'cpu'; use 'auto', 'wall' or 'thread'"):
         Timing(clock="cpu")
+    with pytest.raises(AutocompError, match="sessions must be at least 1, got 0"):
+        Timing(sessions=0)
 
 
 def test_time_runs_counts_and_clocks():
@@ -303,7 +322,7 @@ def test_cli_measure_json_and_profile(model_path, capsys):
     assert cli.main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     m = hardware.Measurement.from_dict(data)
-    _check_stats(m)
+    _check_stats(m, sessions=Timing().sessions)
     assert m.info.threads == 2 and data["info"]["profile"].endswith("_t2_b1")
     assert "Conv" in data["node_ops"].values()
 

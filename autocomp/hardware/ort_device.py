@@ -5,9 +5,10 @@ intra-op threads (default 1, the most stable setting on a shared machine), one i
 sequential execution and every graph optimisation ONNX Runtime has (``ORT_ENABLE_ALL``), as a
 deployment would use. Inputs are random, of the model's own input type. With one thread the
 whole run happens in the calling thread and samples are its CPU time (see ``timing``), which keeps
-medians steady on a shared machine; ``info.extra["clock"]`` says which clock was used.
+medians steady on a shared machine; ``info.extra["clock"]`` says which clock was used. The timed
+runs are split over ``timing.sessions`` fresh sessions, as fresh sessions differ (see ``timing``).
 
-With ``profile=True`` a second session runs with ONNX Runtime's profiler on, *after* the timed
+With ``profile=True`` another session runs with ONNX Runtime's profiler on, *after* the timed
 runs, so profiling overhead never reaches the reported median. Node names are those ONNX Runtime
 executes, i.e. after its fusions and layout changes (``conv1_nchwc``, ``ReorderOutput`` ...).
 """
@@ -97,16 +98,15 @@ class OrtDevice:
     ) -> Measurement:
         """Median, p10, p90 and every sample (ms) of ``onnx_model`` on an ``input_shape`` input."""
         source = model_source(onnx_model)
-        session = self._session(source)
-        feed = _random_feed(session, tuple(int(d) for d in input_shape))
-        _run_checked(session, feed)
-        samples = time_runs(lambda: session.run(None, feed), self.timing, clock=self.clock)
-        median, p10, p90 = summarize(samples)
+        shape = tuple(int(d) for d in input_shape)
+        runs = [self._time_session(source, shape) for _ in range(self.timing.sessions)]
+        median, p10, p90 = summarize(*runs)
+        samples = [t for session_samples in runs for t in session_samples]
         node_times = node_ops = None
         if profile:
             # About a second of profiled runs, within [10, 100] runs.
-            runs = min(100, max(10, round(1000.0 / max(median, 1e-3))))
-            node_times, node_ops = self._profile(source, feed, runs)
+            profiled_runs = min(100, max(10, round(1000.0 / max(median, 1e-3))))
+            node_times, node_ops = self._profile(source, shape, profiled_runs)
         return Measurement(
             median_ms=median,
             p10_ms=p10,
@@ -116,6 +116,14 @@ class OrtDevice:
             node_times_ms=node_times,
             node_ops=node_ops,
         )
+
+    def _time_session(self, source: str | bytes, shape: tuple[int, ...]) -> list[float]:
+        """Samples (ms) of one fresh session's share of the timed runs."""
+        session = self._session(source)
+        feed = _random_feed(session, shape)
+        _run_checked(session, feed)
+        share = self.timing.per_session()
+        return time_runs(lambda: session.run(None, feed), share, clock=self.clock)
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -138,13 +146,14 @@ class OrtDevice:
             raise AutocompError(f"ONNX Runtime cannot load the model: {one_line(err)}") from None
 
     def _profile(
-        self, source: str | bytes, feed: dict[str, np.ndarray], runs: int
+        self, source: str | bytes, shape: tuple[int, ...], runs: int
     ) -> tuple[dict[str, float], dict[str, str]]:
         with tempfile.TemporaryDirectory(prefix="autocomp-profile-") as tmp:
             options = self._options()
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / "ort")
             session = self._session(source, options)
+            feed = _random_feed(session, shape)
             for _ in range(PROFILE_WARMUP_RUNS + runs):
                 session.run(None, feed)
             trace = Path(session.end_profiling())

@@ -40,7 +40,7 @@ RECORD_VERSION = 2
 #: the shipped dataset fits in 15 minutes of measurement. A neighbour's load only ever slows a
 #: session down, so each model is timed in ``SESSIONS`` sessions (before and after its kernels)
 #: and keeps the fastest median.
-TIMING = Timing(warmup_runs=3, warmup_s=0.1, max_warmup_s=1.0, min_runs=10, min_s=0.3)
+TIMING = Timing(warmup_runs=3, warmup_s=0.1, max_warmup_s=1.0, min_runs=10, min_s=0.3, sessions=1)
 SESSIONS = 2
 #: Profiled devices: sessions a model whose median is inconsistent with its profile gets.
 REMEASURE = 2
