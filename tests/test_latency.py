@@ -33,6 +33,7 @@ from autocomp.latency.predictors import (
     ArchPredictor,
     KernelPredictor,
     LutPredictor,
+    OutdatedPredictorError,
     load,
 )
 from autocomp.latency.store import load_predictor
@@ -265,15 +266,19 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
         load(bad)
 
 
-def test_wrong_version_and_wrong_profile_are_refused(tmp_path):
-    path = _saved(tmp_path)
+def _rewrite_version(path, version, out):
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays["__meta__"]))
-    meta["version"] = FORMAT_VERSION + 1
+    meta["version"] = version
     arrays["__meta__"] = np.asarray(json.dumps(meta))
-    old = tmp_path / "old.npz"
-    np.savez(old, **arrays)
+    np.savez(out, **arrays)
+    return out
+
+
+def test_wrong_version_and_wrong_profile_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    old = _rewrite_version(path, FORMAT_VERSION + 1, tmp_path / "old.npz")
     with pytest.raises(AutocompError) as err:
         load(old)
     assert str(err.value) == (
@@ -408,6 +413,14 @@ def test_load_predictor_adapts_a_new_profile_once_and_caches_it(dataset, tmp_pat
     again = load_predictor(device=device)
     models, _, _ = kernel_inputs(read_records(dataset))
     np.testing.assert_array_equal(again.predict(models), adapted.predict(models))
+    # Adapted by an older autocomp: refused without the device, readapted from the cached
+    # measurements (still without measuring) with it.
+    _rewrite_version(cached, FORMAT_VERSION - 1, cached)
+    with pytest.raises(OutdatedPredictorError, match="predictor format version"):
+        load_predictor(device.info.profile)
+    readapted = load_predictor(device=device, progress=False)
+    np.testing.assert_array_equal(readapted.predict(models), adapted.predict(models))
+    assert load(cached).device.profile == device.info.profile  # the cache holds it again
 
 
 def test_shipped_predictor_matches_its_folder_and_predicts():

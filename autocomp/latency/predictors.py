@@ -44,7 +44,7 @@ from autocomp.latency.kernels import (
 )
 
 FORMAT = "autocomp-latency-predictor"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FALLBACK = "*"  # the regressor for kernel types seen too rarely (or never) in training
 _MACS = FEATURE_NAMES.index("macs")
 _INT8_IN = FEATURE_NAMES.index("int8_in")
@@ -57,7 +57,14 @@ MODEL_CONTEXT = (
     "log_activation_bytes",
     "int8_time_share",
 )
-_BYTES = [FEATURE_NAMES.index(n) for n in ("bytes_in", "bytes_out", "bytes_weight")]
+_WEIGHT_BYTES, _IN_BYTES, _OUT_BYTES = (
+    FEATURE_NAMES.index(n) for n in ("bytes_weight", "bytes_in", "bytes_out")
+)
+#: Per-model overhead inputs: the microbenchmarked kernels run with their weights and inputs hot
+#: in cache; inside a model they arrive from memory (profiled in-model, the classifier Gemm of
+#: mobilenetv3 takes 5x its micro-benchmark), so a model costs a constant per kernel and per MB
+#: of weights and of activations streamed, on top of its kernels' own times.
+OVERHEAD_INPUTS = ("kernel_sum_ms", "kernels", "weight_mb", "activation_mb", "constant")
 _ELEMS = [FEATURE_NAMES.index(n) for n in ("elems_in", "elems_out", "weight_elems")]
 #: Columns of :func:`feature_matrix` the per-kernel regressors see (not the model context: a
 #: kernel's own time does not depend on its neighbours; how they interact is the per-model part).
@@ -129,6 +136,10 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+class OutdatedPredictorError(AutocompError):
+    """A predictor file of another format version: refit it (from its measurements, if kept)."""
+
+
 def _corrupt(path: Path, why: str) -> AutocompError:
     return AutocompError(f"corrupt predictor file {path}: {why}")
 
@@ -150,7 +161,7 @@ def load(path: str | Path, device_info: DeviceInfo | None = None) -> _Predictor:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AutocompError(f"{path} is not an autocomp latency predictor")
     if meta.get("version") != FORMAT_VERSION:
-        raise AutocompError(
+        raise OutdatedPredictorError(
             f"{path}: predictor format version {meta.get('version')} is not supported (this "
             f"autocomp reads version {FORMAT_VERSION}); refit it with 'autocomp predictor fit'"
         )
@@ -293,12 +304,11 @@ class KernelPredictor(_Predictor):
         self.feature_names_ = list(FEATURE_NAMES)
         self.correction_: dict[str, np.ndarray] = {}
         kept = np.asarray([bool(nt) for nt in kernel_times])
-        sums = np.asarray([sum(nt.values()) for nt in kernel_times])
-        counts_ = np.asarray([len(ks) for ks in models], dtype=np.float64)
-        self.overhead_ = _fit_overhead(sums[kept], counts_[kept], y[kept])
+        A = overhead_inputs(models, [sum(nt.values()) for nt in kernel_times])
+        self.overhead_ = _fit_overhead(A[kept], y[kept])
         self.model_correction_ = np.zeros(len(MODEL_CONTEXT))
         if self.context and kept.sum() >= 2 * len(MODEL_CONTEXT):
-            base = _apply_overhead(self.overhead_, sums, counts_)
+            base = A @ self.overhead_
             per_kernel = [
                 np.asarray([nt.get(k.name, 0.0) for k in ks])
                 for ks, nt in zip(models, kernel_times, strict=True)
@@ -365,9 +375,7 @@ class KernelPredictor(_Predictor):
     def predict(self, models: Sequence[Sequence[Kernel]]) -> np.ndarray:
         """Predicted latency (ms) of each model given as its kernel list."""
         per_kernel = [self.predict_kernels(ks) for ks in models]
-        sums = np.asarray([pk.sum() for pk in per_kernel])
-        counts = np.asarray([len(ks) for ks in models], dtype=np.float64)
-        base = _apply_overhead(self.overhead_, sums, counts)
+        base = overhead_inputs(models, [pk.sum() for pk in per_kernel]) @ self.overhead_
         context = self._context(models, per_kernel, base)
         return base * np.exp(context @ self.model_correction_)
 
@@ -405,7 +413,8 @@ class KernelPredictor(_Predictor):
         }
         self.overhead_ = np.asarray(arrays["overhead"], dtype=np.float64)
         self.model_correction_ = np.asarray(arrays["model_correction"], dtype=np.float64)
-        if self.overhead_.shape != (3,) or self.model_correction_.shape != (len(MODEL_CONTEXT),):
+        shapes = (self.overhead_.shape, self.model_correction_.shape)
+        if shapes != ((len(OVERHEAD_INPUTS),), (len(MODEL_CONTEXT),)):
             raise ValueError("per-model overhead arrays have the wrong shape")
 
 
@@ -438,20 +447,43 @@ def timed_kernels(
     return out
 
 
-def _fit_overhead(sums: np.ndarray, counts: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``y ≈ a*sum_of_kernels + b*n_kernels + c`` in relative least squares (a, b, c), refitted
-    once without the models it misses by more than 3 median deviations (noisy measurements)."""
-    A = np.stack([sums, counts, np.ones_like(sums)], axis=1) / y[:, None]
-    coef, *_ = np.linalg.lstsq(A, np.ones_like(y), rcond=None)
+def overhead_inputs(models: Sequence[Sequence[Kernel]], sums: Sequence[float]) -> np.ndarray:
+    """Per-model rows of :data:`OVERHEAD_INPUTS`, given each model's sum of kernel times (ms)."""
+    rows = []
+    for ks, total in zip(models, sums, strict=True):
+        X = feature_matrix(ks)
+        weights = float(X[:, _WEIGHT_BYTES].sum()) / 1e6
+        activations = float(X[:, _IN_BYTES].sum() + X[:, _OUT_BYTES].sum()) / 1e6
+        rows.append([float(total), float(len(ks)), weights, activations, 1.0])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(OVERHEAD_INPUTS))
+
+
+def _fit_overhead(
+    A: np.ndarray, y: np.ndarray, prior: np.ndarray | None = None, shrinkage: float = 0.0
+) -> np.ndarray:
+    """``y ≈ A @ coef`` (rows of :func:`overhead_inputs`) in relative least squares, refitted
+    once without the models it misses by more than 3 median deviations (noisy measurements).
+
+    With a ``prior`` (transfer from few models), each coefficient's relative change from it
+    costs ``shrinkage`` models' worth of relative error: the data move what they determine.
+    """
+    A = A / y[:, None]
+    k = A.shape[1]
+    if prior is None:
+        P, target = np.zeros((0, k)), np.zeros(0)
+    else:
+        scale = np.maximum(np.abs(prior), 1e-9)
+        P, target = np.diag(np.sqrt(shrinkage) / scale), np.sqrt(shrinkage) * prior / scale
+
+    def solve(rows: np.ndarray) -> np.ndarray:
+        design = np.vstack([A[rows], P])
+        coef, *_ = np.linalg.lstsq(design, np.r_[np.ones(rows.sum()), target], rcond=None)
+        return coef
+
+    coef = solve(np.ones(len(y), dtype=bool))
     err = np.abs(A @ coef - 1)
     keep = err <= 3 * max(float(np.median(err)), 1e-3)
-    if keep.sum() >= 3:
-        coef, *_ = np.linalg.lstsq(A[keep], np.ones(keep.sum()), rcond=None)
-    return coef
-
-
-def _apply_overhead(coef: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    return coef[0] * sums + coef[1] * counts + coef[2]
+    return solve(keep) if keep.sum() >= k or prior is not None else coef
 
 
 class ArchPredictor(_Predictor):

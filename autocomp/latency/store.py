@@ -16,7 +16,7 @@ from pathlib import Path
 
 from autocomp.errors import AutocompError
 from autocomp.hardware.base import Device, DeviceInfo
-from autocomp.latency.predictors import KernelPredictor, _Predictor, load
+from autocomp.latency.predictors import KernelPredictor, OutdatedPredictorError, _Predictor, load
 
 PREDICTOR_FILE = "kernel.npz"
 DATA_FILE = "measurements.jsonl"
@@ -89,7 +89,12 @@ def load_predictor(
         )
     path = find_predictor(profile)
     if path is not None:
-        return load(path, device_info)
+        try:
+            return load(path, device_info)
+        except OutdatedPredictorError:
+            if device is None or path.parent.parent != cache_dir():
+                raise
+            # Adapted by an earlier autocomp: readapt from its cached measurements.
     if device is None:
         known = ", ".join(builtin_profiles()) or "none"
         raise AutocompError(

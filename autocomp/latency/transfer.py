@@ -32,8 +32,8 @@ from autocomp.latency.metrics import out_of_fold
 from autocomp.latency.predictors import (
     FALLBACK,
     KernelPredictor,
-    _apply_overhead,
     _fit_overhead,
+    overhead_inputs,
     regressor_key,
     timed_kernels,
 )
@@ -42,6 +42,8 @@ from autocomp.latency.predictors import (
 SHRINKAGE = 20.0
 #: Pull (in models) of the refitted per-model correction toward the prior's.
 MODEL_SHRINKAGE = 10.0
+#: Pull (in models) of each refitted overhead coefficient toward the prior's (relative change).
+OVERHEAD_SHRINKAGE = 1.0
 
 
 def _weighted_line(
@@ -115,11 +117,12 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
         if rows.any():
             adapted.correction_[key] = _weighted_line(x[rows], r[rows], w[rows], glob, SHRINKAGE)
     kept = np.asarray([bool(nt) for nt in times])
-    sums = np.asarray([sum(nt.values()) for nt in times])
-    counts = np.asarray([len(ks) for ks in models], dtype=np.float64)
-    adapted.overhead_ = _fit_overhead(sums[kept], counts[kept], y[kept])
+    measured_sums = overhead_inputs(models, [sum(nt.values()) for nt in times])
+    adapted.overhead_ = _fit_overhead(
+        measured_sums[kept], y[kept], prior=prior.overhead_, shrinkage=OVERHEAD_SHRINKAGE
+    )
     per_kernel = [adapted.predict_kernels(ks) for ks in models]
-    base = _apply_overhead(adapted.overhead_, np.asarray([p.sum() for p in per_kernel]), counts)
+    base = overhead_inputs(models, [p.sum() for p in per_kernel]) @ adapted.overhead_
     C = adapted._context(models, per_kernel, base)
     reg = MODEL_SHRINKAGE * np.eye(C.shape[1])
     adapted.model_correction_ = np.linalg.solve(
