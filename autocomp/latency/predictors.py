@@ -221,12 +221,13 @@ class KernelPredictor(_Predictor):
     node times. Kernel types with fewer than ``min_samples`` timed kernels share a fallback
     regressor, which also serves types never seen in training.
 
-    The per-model overhead is ``a*sum + b*kernels + c`` times ``exp(context @ w)``, both fitted
-    on the *measured* kernel sums: ``w`` is a ridge fit of the remaining log ratio against
-    :data:`MODEL_CONTEXT` (model size, weight and activation bytes, int8 share), i.e. what the
-    kernels of one model do to each other through the caches and the executor (a model of many
-    small kernels runs ~25% slower than its kernels alone, a large one ~5%). ``context=False``
-    leaves it out.
+    The per-model overhead is linear in :data:`OVERHEAD_INPUTS` (the kernels' sum, their count,
+    the MB of weights and of activations they stream, a constant) times ``exp(context @ w)``,
+    both fitted on the *measured* kernel sums: ``w`` is a ridge fit of the remaining log ratio
+    against :data:`MODEL_CONTEXT` (model size, weight and activation bytes, int8 share), i.e.
+    what the kernels of one model do to each other through the caches and the executor (a model
+    of many small kernels runs ~25% slower than its kernels alone, a large one ~5%).
+    ``context=False`` leaves it out.
 
     ``normalize``: make each model's kernel times sum to its measured latency (see
     :func:`timed_kernels`), for *profiled* node times: the timed runs (profiler off) are the
