@@ -276,8 +276,9 @@ def search(
             return latency.measure(candidate)
 
         screening = _screening(budget, latency.slack_)
+        seeding: list[dict[str, Any]] = []  # the uniform scalings measured to seed the search
         with clock("search"):
-            seeds, baselines = _search_seeds(space_obj, budget, screening, latency)
+            seeds, baselines = _search_seeds(space_obj, budget, screening, latency, seeding)
             found = run_search(
                 space_obj,
                 screening,
@@ -340,6 +341,7 @@ def search(
             config, budget, dev, space_obj, candidate, final, found, latency, rounds, timings
         )
         report["search"]["screening_budget_ms"] = screening.latency_ms
+        report["seeding"] = seeding
         report["shortlist"] = shortlist
         report["arbitration"] = arbitration
         missed = [m for m in shortlist if m["latency_measured_ms"] > (budget.latency_ms or 0)]
@@ -689,13 +691,16 @@ def uniform_scalings(space, bits: int) -> list:
     return sorted(grid, key=lambda c: space.cost(c).macs, reverse=True)
 
 
-def _search_seeds(space, budget: Budget, screening: Budget, latency) -> tuple[list, list]:
+def _search_seeds(
+    space, budget: Budget, screening: Budget, latency, log: list | None = None
+) -> tuple[list, list]:
     """What a search evaluates first, and the baselines among them: the largest candidate (which
     wins outright where the budget does not bind) and, per precision, the widest uniform scaling
     (:func:`uniform_scalings`) that meets the budget, the hand-made baseline the choice must beat
     (:func:`_arbitrate`). Under a latency budget the widest of the scalings that pass screening
     that meets the budget as measured is found by :func:`_widest_fitting`: the latency model
-    learns those measurements, and it is least sure of such all-int8 or all-fp32 networks."""
+    learns those measurements, and it is least sure of such all-int8 or all-fp32 networks. Each
+    measurement is appended to ``log``."""
     from autocomp.search import CostModel
 
     costs = CostModel(space, screening, latency.predict)
@@ -706,11 +711,14 @@ def _search_seeds(space, budget: Budget, screening: Budget, latency) -> tuple[li
         if budget.latency_ms is None:
             baselines += admitted[:1]
             continue
-        limit = budget.latency_ms
 
-        def fits(candidate, limit=limit) -> bool:
+        def fits(candidate, bits=bits, limit=budget.latency_ms) -> bool:
             ms = latency.measure(candidate)
             latency.add(candidate, ms)
+            if log is not None:
+                macs = space.cost(candidate).macs
+                row = {"bits": bits, "key": candidate.key(), "macs": macs, "measured_ms": ms}
+                log.append(row | {"fits": ms <= limit})
             return ms <= limit
 
         widest = _widest_fitting(admitted, fits)

@@ -61,6 +61,7 @@ def test_search_end_to_end(tiny, tmp_path, capsys):
     ranked = [row["key"] for row in report["arbitration"] if not row["baseline"]]
     assert ranked and all(measured[k] <= 50 for k in ranked)
     assert report["search"]["screening_budget_ms"] >= 50
+    assert all(row["fits"] == (row["measured_ms"] <= 50) for row in report["seeding"])
     # model.pt is safe to load and rebuilds the chosen network.
     state = torch.load(run / "model.pt", weights_only=True)
     candidate = Candidate.from_json(state["candidate"])
@@ -218,7 +219,11 @@ def test_uniform_scalings_and_search_seeds(tmp_path):
     limit = sorted(macs)[2] / 1e6  # the third-narrowest int8 scaling fits, no wider one
     budget = Budget(latency_ms=limit)
     latency = HalfLatency()
-    seeds, baselines = api._search_seeds(space, budget, api._screening(budget, 0.5), latency)
+    log = []
+    seeds, baselines = api._search_seeds(space, budget, api._screening(budget, 0.5), latency, log)
+    assert [row["key"] for row in log] == latency.added  # every seeding measurement, logged
+    assert [row["fits"] for row in log] == [row["measured_ms"] <= limit for row in log]
+    assert {row["bits"] for row in log if row["fits"]} == {8, 32}
     assert seeds[0].key() == space.largest().key()
     assert [c.key() for c in seeds[1:]] == [c.key() for c in baselines]
     # Per precision: the widest that screening admits that fits as measured, found by measuring
