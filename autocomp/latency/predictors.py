@@ -279,11 +279,12 @@ class KernelPredictor(_Predictor):
             raise AutocompError("fit needs as many kernel lists, latencies and node-time maps")
         y = np.asarray(y, dtype=np.float64)
         kernel_times = timed_kernels(models, y, kernel_times, self.normalize)
+        matrices = [feature_matrix(ks) for ks in models]
         kernels, times, rows = [], [], []
-        for ks, nt in zip(models, kernel_times, strict=True):
+        for ks, nt, X in zip(models, kernel_times, matrices, strict=True):
             timed = [i for i, k in enumerate(ks) if k.name in nt]
             if timed:
-                rows.append(feature_matrix(ks)[timed])
+                rows.append(X[timed])
                 kernels += [ks[i] for i in timed]
                 times += [nt[ks[i].name] for i in timed]
         if not kernels:
@@ -305,7 +306,7 @@ class KernelPredictor(_Predictor):
         self.feature_names_ = list(FEATURE_NAMES)
         self.correction_: dict[str, np.ndarray] = {}
         kept = np.asarray([bool(nt) for nt in kernel_times])
-        A = overhead_inputs(models, [sum(nt.values()) for nt in kernel_times])
+        A = overhead_inputs(matrices, [sum(nt.values()) for nt in kernel_times])
         self.overhead_ = _fit_overhead(A[kept], y[kept])
         self.model_correction_ = np.zeros(len(MODEL_CONTEXT))
         if self.context and kept.sum() >= 2 * len(MODEL_CONTEXT):
@@ -314,7 +315,7 @@ class KernelPredictor(_Predictor):
                 np.asarray([nt.get(k.name, 0.0) for k in ks])
                 for ks, nt in zip(models, kernel_times, strict=True)
             ]
-            C = self._context(models, per_kernel, base)[kept]
+            C = self._context(matrices, per_kernel, base)[kept]
             reg = np.diag([0.0] + [1.0] * (C.shape[1] - 1))  # shrink all but the intercept
             target = np.log(y[kept]) - np.log(np.maximum(base[kept], 1e-9))
             self.model_correction_ = np.linalg.solve(C.T @ C + reg, C.T @ target)
@@ -323,11 +324,11 @@ class KernelPredictor(_Predictor):
 
     @staticmethod
     def _context(
-        models: Sequence[Sequence[Kernel]], per_kernel: Sequence[np.ndarray], base: np.ndarray
+        matrices: Sequence[np.ndarray], per_kernel: Sequence[np.ndarray], base: np.ndarray
     ) -> np.ndarray:
+        """Per-model rows of :data:`MODEL_CONTEXT`, from each model's :func:`feature_matrix`."""
         rows = []
-        for ks, pk, b in zip(models, per_kernel, base, strict=True):
-            X = feature_matrix(ks)
+        for X, pk, b in zip(matrices, per_kernel, base, strict=True):
             log_b = np.log(max(b, 1e-6))
             if not len(X):
                 rows.append([1.0, log_b, log_b**2, 0.0, 0.0, 0.0])
@@ -376,8 +377,9 @@ class KernelPredictor(_Predictor):
     def predict(self, models: Sequence[Sequence[Kernel]]) -> np.ndarray:
         """Predicted latency (ms) of each model given as its kernel list."""
         per_kernel = [self.predict_kernels(ks) for ks in models]
-        base = overhead_inputs(models, [pk.sum() for pk in per_kernel]) @ self.overhead_
-        context = self._context(models, per_kernel, base)
+        matrices = [feature_matrix(ks) for ks in models]
+        base = overhead_inputs(matrices, [pk.sum() for pk in per_kernel]) @ self.overhead_
+        context = self._context(matrices, per_kernel, base)
         return base * np.exp(context @ self.model_correction_)
 
     def predict_onnx(self, model: OnnxModel, input_shape: tuple[int, ...]) -> float:
@@ -448,14 +450,14 @@ def timed_kernels(
     return out
 
 
-def overhead_inputs(models: Sequence[Sequence[Kernel]], sums: Sequence[float]) -> np.ndarray:
-    """Per-model rows of :data:`OVERHEAD_INPUTS`, given each model's sum of kernel times (ms)."""
+def overhead_inputs(matrices: Sequence[np.ndarray], sums: Sequence[float]) -> np.ndarray:
+    """Per-model rows of :data:`OVERHEAD_INPUTS`, from each model's :func:`feature_matrix` and
+    sum of kernel times (ms)."""
     rows = []
-    for ks, total in zip(models, sums, strict=True):
-        X = feature_matrix(ks)
+    for X, total in zip(matrices, sums, strict=True):
         weights = float(X[:, _WEIGHT_BYTES].sum()) / 1e6
         activations = float(X[:, _IN_BYTES].sum() + X[:, _OUT_BYTES].sum()) / 1e6
-        rows.append([float(total), float(len(ks)), weights, activations, 1.0])
+        rows.append([float(total), float(len(X)), weights, activations, 1.0])
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(OVERHEAD_INPUTS))
 
 
