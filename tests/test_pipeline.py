@@ -231,7 +231,7 @@ def test_uniform_scalings_and_search_seeds(tmp_path):
     assert [space.cost(c).macs / 1e6 for c in baselines] == [limit, limit]
     assert grid[3].key() in {c.key() for c in seeds}
     admitted = [c for c in grid if space.cost(c).macs / 2e6 <= 1.5 * limit]
-    int8_measured = latency.added[: len(latency.added) // 2]
+    int8_measured = [row["key"] for row in log if row["bits"] == 8]
     assert int8_measured[0] == admitted[0].key() and grid[3].key() in int8_measured
     assert set(int8_measured) <= {c.key() for c in admitted}
     assert len(int8_measured) <= api.SEED_MEASUREMENTS
