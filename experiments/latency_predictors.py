@@ -10,6 +10,11 @@ Reproduces the issue-3 acceptance numbers on this machine (ORT CPU, 1 thread, ba
   (d) arch-level predictors on the mbv3 search space: fitted on kernel-predictor labels of
       sampled candidates, scored against measured held-out candidates; candidates/s.
 
+For (a)-(c) the kernel predictor's per-model part (overhead and context correction) is also fed
+each held-out model's micro-benchmarked kernel times in place of its predicted ones: the rows
+marked "micro-benchmarked" show what the kernel regressors' errors cost and what the model-level
+part misses on its own.
+
 The truth. Every held-out model is measured in ``--sessions`` sessions (the ``cpu`` device's
 median of thread-clock runs), in interleaved passes over all models, so that a neighbour's burst
 of load hits different models in different passes. A neighbour's load only ever slows a session
@@ -52,6 +57,7 @@ from autocomp.latency.dataset import (
 from autocomp.latency.fit import arch_inputs
 from autocomp.latency.kernels import FEATURE_NAMES, Kernel, extract_kernels, feature_matrix
 from autocomp.latency.metrics import latency_metrics
+from autocomp.latency.microbench import benchmark_kernels
 from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
 from autocomp.latency.store import DATA_FILE, builtin_dir, default_predictor_path
 from autocomp.latency.transfer import adapt
@@ -80,6 +86,9 @@ TIMM_MODELS = (
     "cs3darknet_s",
 )
 MACS = FEATURE_NAMES.index("macs")
+#: The predictor's per-model part fed each held-out model's micro-benchmarked kernel times instead
+#: of its predicted ones: what is left of the error is the model-level part's own.
+MICRO = "per-model part on micro-benchmarked kernel times"
 #: One session of the truth: shorter than the device's default (2 s of runs), as there are six
 #: per model; the median of >= 0.5 s of runs after >= 0.2 s of warm-up.
 TRUTH_TIMING = Timing(
@@ -150,6 +159,22 @@ class HeldOut:
                     {"id": r["id"], "pass": p, "median_ms": m.median_ms, "load": os.getloadavg()},
                 )
                 have[r["id"]] = have.get(r["id"], 0) + 1
+
+    def kernel_times(self, models: list[list[Kernel]]) -> list[np.ndarray]:
+        """Each model's micro-benchmarked kernel times (ms, in kernel order), benchmarking the
+        models not yet in ``<name>.micro.jsonl``."""
+        path = self.models_path.with_suffix(".micro.jsonl")
+        lines = path.read_text().splitlines() if path.is_file() else []
+        done = {r["id"]: r["kernel_times_ms"] for r in map(json.loads, filter(None, lines))}
+        out = []
+        for r, kernels in zip(read_records(self.models_path), models, strict=True):
+            if r["id"] not in done:
+                model = onnx.load(str(self.folder / f"{r['id']}.onnx"))
+                _, times = benchmark_kernels(model, tuple(r["input_shape"]), threads=1)
+                append_record(path, {"id": r["id"], "kernel_times_ms": times})
+                done[r["id"]] = times
+            out.append(np.asarray([done[r["id"]].get(k.name, 0.0) for k in kernels]))
+        return out
 
     def pass_loads(self) -> list[float]:
         """Mean 1-minute load average during each pass."""
@@ -284,6 +309,7 @@ def main() -> None:
             "kernel predictor": kp.predict(models),
             "arch predictor (generator encoding)": arch.predict(Xh),
             "lut predictor (generator encoding)": lut.predict(Xh),
+            MICRO: kp.predict_from_kernel_times(models, gen.kernel_times(models)),
         },
         "kernel predictor",
     )
@@ -313,7 +339,11 @@ def main() -> None:
         score(
             "timm",
             St,
-            {"FLOPs-only linear": np.polyval(flops_coef, flops_of(mt)), "kernel predictor": pt},
+            {
+                "FLOPs-only linear": np.polyval(flops_coef, flops_of(mt)),
+                "kernel predictor": pt,
+                MICRO: kp.predict_from_kernel_times(mt, tm.kernel_times(mt)),
+            },
             "kernel predictor",
         )
         truth = St.min(axis=1)
@@ -342,12 +372,16 @@ def main() -> None:
         held4, S4 = b4.records(args.sessions)
         models4 = kernel_inputs(held4)[0]
         only30 = KernelPredictor(min_samples=10, normalize=profiled(fit4))
+        adapted = adapt(kp, fit4)
+        micro4 = b4.kernel_times(models4)
         score(
             "batch 4",
             S4,
             {
                 "batch-1 predictor, no transfer": kp.predict(models4),
-                "transfer from 30 measurements": adapt(kp, fit4).predict(models4),
+                "transfer from 30 measurements": adapted.predict(models4),
+                f"batch-1 predictor, {MICRO}": kp.predict_from_kernel_times(models4, micro4),
+                f"transfer, {MICRO}": adapted.predict_from_kernel_times(models4, micro4),
                 "kernel predictor fit on the 30 only": only30.fit(*kernel_inputs(fit4)).predict(
                     models4
                 ),

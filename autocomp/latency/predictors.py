@@ -376,7 +376,15 @@ class KernelPredictor(_Predictor):
 
     def predict(self, models: Sequence[Sequence[Kernel]]) -> np.ndarray:
         """Predicted latency (ms) of each model given as its kernel list."""
-        per_kernel = [self.predict_kernels(ks) for ks in models]
+        return self.predict_from_kernel_times(models, [self.predict_kernels(ks) for ks in models])
+
+    def predict_from_kernel_times(
+        self, models: Sequence[Sequence[Kernel]], per_kernel: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Latency (ms) of each model from its kernels' times (ms, in kernel order): the
+        per-model part alone. Fed micro-benchmarked times, it tells how much of a prediction's
+        error is the kernels' and how much the model's (experiments/latency_predictors.py)."""
+        per_kernel = [np.asarray(pk, dtype=np.float64) for pk in per_kernel]
         matrices = [feature_matrix(ks) for ks in models]
         base = overhead_inputs(matrices, [pk.sum() for pk in per_kernel]) @ self.overhead_
         context = self._context(matrices, per_kernel, base)
