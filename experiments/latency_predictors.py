@@ -372,7 +372,7 @@ def main() -> None:
         held4, S4 = b4.records(args.sessions)
         models4 = kernel_inputs(held4)[0]
         only30 = KernelPredictor(min_samples=10, normalize=profiled(fit4))
-        adapted = adapt(kp, fit4)
+        adapted = adapt(kp, fit4, train)
         micro4 = b4.kernel_times(models4)
         score(
             "batch 4",

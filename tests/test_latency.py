@@ -353,6 +353,39 @@ def test_transfer_keeps_the_prior_where_it_already_fits(dataset):
     np.testing.assert_array_equal(adapted.predict(models), prior.predict(models))
 
 
+def test_transfer_to_another_batch_refits_on_both_measurement_sets(dataset):
+    records = read_records(dataset)
+    prior = KernelPredictor(n_estimators=50, min_samples=5, device=INFO).fit(
+        *kernel_inputs(records)
+    )
+
+    def on(info, scale):
+        return [
+            {
+                **r,
+                "median_ms": scale * r["median_ms"],
+                "device": info.to_dict(),
+                "node_times_ms": {n: scale * t for n, t in r["node_times_ms"].items()},
+            }
+            for r in records[:3]
+        ]
+
+    batch2 = on(replace(INFO, batch=2), 1.5)
+    pooled = adapt(prior, batch2, records)
+    assert pooled.device.profile == replace(INFO, batch=2).profile
+    expected = KernelPredictor(n_estimators=50, min_samples=5).fit(
+        *kernel_inputs([*records, *batch2])
+    )
+    models = kernel_inputs(records)[0]
+    np.testing.assert_allclose(pooled.predict(models), expected.predict(models))
+    assert not np.allclose(pooled.predict(models), prior.predict(models))
+    # Another thread count is corrected, not pooled: kernel features cannot tell it apart.
+    threads2 = on(replace(INFO, threads=2), 1.5)
+    np.testing.assert_array_equal(
+        adapt(prior, threads2, records).predict(models), adapt(prior, threads2).predict(models)
+    )
+
+
 def test_metrics_by_hand():
     m = latency_metrics([10, 20, 30, 40], [10.4, 21.5, 36, 38])
     assert m["n"] == 4
@@ -421,6 +454,29 @@ def test_load_predictor_adapts_a_new_profile_once_and_caches_it(dataset, tmp_pat
     readapted = load_predictor(device=device, progress=False)
     np.testing.assert_array_equal(readapted.predict(models), adapted.predict(models))
     assert load(cached).device.profile == device.info.profile  # the cache holds it again
+
+
+def test_adapting_to_another_batch_pools_the_shipped_measurements(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "TRANSFER_SAMPLES", 3)
+    shipped = read_records(dataset)
+    prior = KernelPredictor(n_estimators=20, min_samples=5, device=INFO).fit(
+        *kernel_inputs(shipped)
+    )
+    (tmp_path / "shipped").mkdir()
+    prior_path = prior.save(tmp_path / "shipped" / "kernel.npz")
+    (tmp_path / "shipped" / store.DATA_FILE).write_bytes(Path(dataset).read_bytes())
+    monkeypatch.setattr(store, "default_predictor_path", lambda: prior_path)
+    adapted = load_predictor(device=FakeDevice(INFO, scale=2.0), batch=2, progress=False)
+    assert adapted.device.profile == INFO.with_batch(2).profile
+    measured = read_records(
+        tmp_path / "cache" / "predictors" / INFO.with_batch(2).profile / store.DATA_FILE
+    )
+    pooled = KernelPredictor(n_estimators=20, min_samples=5).fit(
+        *kernel_inputs([*shipped, *measured])
+    )
+    models = kernel_inputs(measured)[0]
+    np.testing.assert_allclose(adapted.predict(models), pooled.predict(models))
 
 
 def test_shipped_predictor_matches_its_folder_and_predicts():

@@ -117,7 +117,11 @@ def adapt_to_device(
     from autocomp.latency.dataset import measure_generated, read_records
     from autocomp.latency.transfer import adapt
 
-    prior = prior or load(default_predictor_path())
+    shipped = default_predictor_path()
+    # The shipped predictor ships the measurements it was fitted from: transfer may pool them.
+    fitted_on = shipped.parent / DATA_FILE
+    prior_records = read_records(fitted_on) if prior is None and fitted_on.is_file() else []
+    prior = prior or load(shipped)
     if not isinstance(prior, KernelPredictor):
         raise AutocompError("transfer needs a kernel predictor as the prior")
     profile = device.info.with_batch(batch).profile
@@ -126,6 +130,6 @@ def adapt_to_device(
     data = folder / DATA_FILE
     samples = samples or TRANSFER_SAMPLES
     measure_generated(device, samples, data, seed=TRANSFER_SEED, batch=batch, progress=progress)
-    adapted = adapt(prior, read_records(data)[:samples])
+    adapted = adapt(prior, read_records(data)[:samples], prior_records)
     adapted.save(folder / PREDICTOR_FILE)
     return adapted
