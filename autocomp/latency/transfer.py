@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from autocomp.latency.predictors import (
     regressor_key,
     timed_kernels,
 )
+
+if TYPE_CHECKING:
+    from autocomp.hardware.base import DeviceInfo
 
 #: Strength (in kernels) of the pull of a kernel type's correction toward the global one.
 SHRINKAGE = 20.0
@@ -100,7 +103,7 @@ def adapt(
 
 def _batch_only(
     prior: KernelPredictor,
-    device: Any,
+    device: DeviceInfo,
     records: Sequence[dict[str, Any]],
     prior_records: Sequence[dict[str, Any]],
 ) -> bool:
