@@ -160,14 +160,15 @@ class HeldOut:
                 )
                 have[r["id"]] = have.get(r["id"], 0) + 1
 
-    def kernel_times(self, models: list[list[Kernel]]) -> list[np.ndarray]:
-        """Each model's micro-benchmarked kernel times (ms, in kernel order), benchmarking the
-        models not yet in ``<name>.micro.jsonl``."""
+    def kernel_times(self, records: list[dict], models: list[list[Kernel]]) -> list[np.ndarray]:
+        """Each model's micro-benchmarked kernel times (ms, in kernel order; ``records`` and
+        ``models`` as :meth:`records` and ``kernel_inputs`` give them), benchmarking the models
+        not yet in ``<name>.micro.jsonl``."""
         path = self.models_path.with_suffix(".micro.jsonl")
         lines = path.read_text().splitlines() if path.is_file() else []
         done = {r["id"]: r["kernel_times_ms"] for r in map(json.loads, filter(None, lines))}
         out = []
-        for r, kernels in zip(read_records(self.models_path), models, strict=True):
+        for r, kernels in zip(records, models, strict=True):
             if r["id"] not in done:
                 model = onnx.load(str(self.folder / f"{r['id']}.onnx"))
                 _, times = benchmark_kernels(model, tuple(r["input_shape"]), threads=1)
@@ -309,7 +310,7 @@ def main() -> None:
             "kernel predictor": kp.predict(models),
             "arch predictor (generator encoding)": arch.predict(Xh),
             "lut predictor (generator encoding)": lut.predict(Xh),
-            MICRO: kp.predict_from_kernel_times(models, gen.kernel_times(models)),
+            MICRO: kp.predict_from_kernel_times(models, gen.kernel_times(held, models)),
         },
         "kernel predictor",
     )
@@ -342,7 +343,7 @@ def main() -> None:
             {
                 "FLOPs-only linear": np.polyval(flops_coef, flops_of(mt)),
                 "kernel predictor": pt,
-                MICRO: kp.predict_from_kernel_times(mt, tm.kernel_times(mt)),
+                MICRO: kp.predict_from_kernel_times(mt, tm.kernel_times(recs, mt)),
             },
             "kernel predictor",
         )
@@ -373,7 +374,7 @@ def main() -> None:
         models4 = kernel_inputs(held4)[0]
         only30 = KernelPredictor(min_samples=10, normalize=profiled(fit4))
         adapted = adapt(kp, fit4, train)
-        micro4 = b4.kernel_times(models4)
+        micro4 = b4.kernel_times(held4, models4)
         score(
             "batch 4",
             S4,

@@ -356,9 +356,14 @@ class KernelPredictor(_Predictor):
     def predict_kernels(self, kernels: Sequence[Kernel], corrected: bool = True) -> np.ndarray:
         """Predicted time (ms) of each kernel of *one model* (``corrected=False``: before any
         transfer)."""
+        return self._kernel_times(kernels, feature_matrix(list(kernels)), corrected)
+
+    def _kernel_times(
+        self, kernels: Sequence[Kernel], X: np.ndarray, corrected: bool = True
+    ) -> np.ndarray:
+        """:meth:`predict_kernels`, given the model's :func:`feature_matrix` ``X``."""
         if not kernels:
             return np.zeros(0)
-        X = feature_matrix(list(kernels))
         keys = [regressor_key(k) for k in kernels]
         keys = np.asarray([k if k in self.models_ else FALLBACK for k in keys])
         out = np.zeros(len(kernels))
@@ -376,7 +381,9 @@ class KernelPredictor(_Predictor):
 
     def predict(self, models: Sequence[Sequence[Kernel]]) -> np.ndarray:
         """Predicted latency (ms) of each model given as its kernel list."""
-        return self.predict_from_kernel_times(models, [self.predict_kernels(ks) for ks in models])
+        matrices = [feature_matrix(ks) for ks in models]
+        per_kernel = [self._kernel_times(ks, X) for ks, X in zip(models, matrices, strict=True)]
+        return self._per_model(matrices, per_kernel)
 
     def predict_from_kernel_times(
         self, models: Sequence[Sequence[Kernel]], per_kernel: Sequence[np.ndarray]
@@ -384,8 +391,13 @@ class KernelPredictor(_Predictor):
         """Latency (ms) of each model from its kernels' times (ms, in kernel order): the
         per-model part alone. Fed micro-benchmarked times, it tells how much of a prediction's
         error is the kernels' and how much the model's (experiments/latency_predictors.py)."""
-        per_kernel = [np.asarray(pk, dtype=np.float64) for pk in per_kernel]
         matrices = [feature_matrix(ks) for ks in models]
+        return self._per_model(matrices, [np.asarray(pk, dtype=np.float64) for pk in per_kernel])
+
+    def _per_model(
+        self, matrices: Sequence[np.ndarray], per_kernel: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Model latencies from each model's feature matrix and kernel times."""
         base = overhead_inputs(matrices, [pk.sum() for pk in per_kernel]) @ self.overhead_
         context = self._context(matrices, per_kernel, base)
         return base * np.exp(context @ self.model_correction_)

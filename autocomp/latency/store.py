@@ -113,7 +113,9 @@ def adapt_to_device(
     progress: bool = True,
 ) -> KernelPredictor:
     """Measure ``samples`` (default :data:`TRANSFER_SAMPLES`) generated models on ``device``,
-    adapt the prior, cache the result."""
+    adapt the prior (the shipped default unless ``prior`` is given; only the shipped one comes
+    with the measurements that :func:`~autocomp.latency.transfer.adapt` may pool), cache the
+    result."""
     from autocomp.latency.dataset import measure_generated, read_records
     from autocomp.latency.transfer import adapt
 

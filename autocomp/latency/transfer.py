@@ -127,6 +127,7 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
 
     models, y, raw_times = kernel_inputs(records)
     times = timed_kernels(models, y, raw_times, profiled(records))
+    matrices = [feature_matrix(ks) for ks in models]
     adapted = copy.deepcopy(prior)
     adapted.correction_ = {}
     adapted.device = DeviceInfo.from_dict(records[0]["device"])
@@ -140,8 +141,8 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
     )
     base = np.concatenate(
         [
-            prior.predict_kernels(ks, corrected=False)[[k.name in nt for k in ks]]
-            for ks, nt in zip(models, times, strict=True)
+            prior._kernel_times(ks, X, corrected=False)[[k.name in nt for k in ks]]
+            for ks, nt, X in zip(models, times, matrices, strict=True)
         ]
     )
     x, r = np.log(base), np.log(measured) - np.log(base)
@@ -156,12 +157,11 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
         if rows.any():
             adapted.correction_[key] = _weighted_line(x[rows], r[rows], w[rows], glob, SHRINKAGE)
     kept = np.asarray([bool(nt) for nt in times])
-    matrices = [feature_matrix(ks) for ks in models]
     measured = overhead_inputs(matrices, [sum(nt.values()) for nt in times])
     adapted.overhead_ = _fit_overhead(
         measured[kept], y[kept], prior=prior.overhead_, shrinkage=OVERHEAD_SHRINKAGE
     )
-    per_kernel = [adapted.predict_kernels(ks) for ks in models]
+    per_kernel = [adapted._kernel_times(ks, X) for ks, X in zip(models, matrices, strict=True)]
     base = overhead_inputs(matrices, [p.sum() for p in per_kernel]) @ adapted.overhead_
     C = adapted._context(matrices, per_kernel, base)
     reg = MODEL_SHRINKAGE * np.eye(C.shape[1])
