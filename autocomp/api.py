@@ -350,15 +350,7 @@ def search(
                 f"{len(missed)} candidate(s) ranked above the chosen one measured over the "
                 "latency budget on the device before finetuning (see 'shortlist')"
             )
-        _write_run(run_dir, model, candidate, report, clock, timings)
-        return Result(
-            model,
-            run_dir / "model.onnx",
-            report["chosen"],
-            report["pareto"],
-            run_dir,
-            bool(final["meets_budget"]),
-        )
+        return _write_run(run_dir, model, candidate, report, clock, timings)
 
 
 SAMPLERS_COMPRESS = ("tpe", "nsga2", "random")
@@ -653,15 +645,7 @@ def compress(
                 "the model has random weights (no --weights): importance ranks and the search's "
                 "scores are those of an untrained network, and no distillation teacher was used"
             )
-        _write_run(run_dir, tuned_model, candidate, report, clock, timings)
-        return Result(
-            tuned_model,
-            run_dir / "model.onnx",
-            report["chosen"],
-            report["pareto"],
-            run_dir,
-            bool(final["meets_budget"]),
-        )
+        return _write_run(run_dir, tuned_model, candidate, report, clock, timings)
 
 
 def uniform_scalings(space, bits: int) -> list:
@@ -1151,8 +1135,9 @@ def _verify_rounds(record, choose, latency, budget: Budget, clock, finetune, ver
             return model, candidate, rounds
 
 
-def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, timings) -> None:
-    """Save ``model.pt`` and the report; written again once the report stage's own time is in."""
+def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, timings) -> Result:
+    """Save ``model.pt`` and the report (written again once the report stage's own time is in);
+    the run's :class:`Result`."""
     from autocomp.report import write_report
 
     with clock("report"):
@@ -1160,6 +1145,14 @@ def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, t
         write_report(run_dir, report)
     report["timings_s"] = timings
     write_report(run_dir, report)
+    return Result(
+        model,
+        run_dir / "model.onnx",
+        report["chosen"],
+        report["pareto"],
+        run_dir,
+        bool(report["meets_budget"]),
+    )
 
 
 #: Most accurate candidates measured on the device before one is finetuned.

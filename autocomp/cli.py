@@ -68,6 +68,29 @@ THREADS_HELP = (
 )
 
 
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    """What a run aims at, shared by ``search`` and ``compress``: budget, device, data."""
+    p.add_argument(
+        "--budget",
+        required=True,
+        help=f"upper bounds to meet; {ACCEPTED_FORMS}. FLOPs = 2·MACs. Example: --budget 5ms",
+    )
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--data", default="digits", help=DATA_HELP)
+
+
+def _add_outcome_options(p: argparse.ArgumentParser) -> None:
+    """How a run executes and reports, shared by ``search`` and ``compress``."""
+    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument(
+        "--allow-over-budget",
+        action="store_true",
+        help="exit 0 even if the final model misses the budget as measured (it is still "
+        "reported loudly). Example: --allow-over-budget",
+    )
+    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="autocomp",
@@ -95,13 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  autocomp search --budget 5ms,2MB --device cpu --data digits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--budget",
-        required=True,
-        help=f"upper bounds to meet; {ACCEPTED_FORMS}. FLOPs = 2·MACs. Example: --budget 5ms",
-    )
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--data", default="digits", help=DATA_HELP)
+    _add_target_options(p)
     p.add_argument(
         "--space",
         default="mbv3",
@@ -176,14 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure every k-th candidate on the device (0: predict only). "
         "Example: --measure-every 10",
     )
-    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
-    p.add_argument(
-        "--allow-over-budget",
-        action="store_true",
-        help="exit 0 even if the final model misses the budget as measured (it is still "
-        "reported loudly). Example: --allow-over-budget",
-    )
-    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
+    _add_outcome_options(p)
     p.set_defaults(func=_search)
 
     p = sub.add_parser(
@@ -453,13 +463,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
         help="state_dict file for the model (torch.load(weights_only=True); without it the "
         "model has random weights). Example: --weights resnet18_digits.pt",
     )
-    p.add_argument(
-        "--budget",
-        required=True,
-        help=f"upper bounds to meet; {ACCEPTED_FORMS}. FLOPs = 2·MACs. Example: --budget 5ms",
-    )
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--data", default="digits", help=DATA_HELP)
+    _add_target_options(p)
     p.add_argument(
         "--resolution",
         type=_positive_int,
@@ -552,14 +556,7 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Optuna storage (default: SQLite in the run folder). Example: --storage study.log",
     )
-    p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
-    p.add_argument(
-        "--allow-over-budget",
-        action="store_true",
-        help="exit 0 even if the final model misses the budget as measured (it is still "
-        "reported loudly). Example: --allow-over-budget",
-    )
-    p.add_argument("--json", action="store_true", help="print report.json. Example: --json")
+    _add_outcome_options(p)
     p.set_defaults(func=_compress)
 
 
@@ -589,17 +586,28 @@ def _compress(args: argparse.Namespace) -> int:
         allow_over_budget=args.allow_over_budget,
         progress=not args.json,
     )
+    return _finish_run(result, args)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _finish_run(result: api.Result, args: argparse.Namespace) -> int:
+    """Print a search's or compression's report (``--json``: report.json) and say loudly when
+    the model misses the budget as measured; the exit status."""
     report = api.report(result.run_dir)
     if args.json:
         _print_json(report)
     else:
-        original = report["compress"]["original"]
         print(f"\nrun folder: {result.run_dir}")
-        print(
-            f"  {'original':<20} accuracy {100 * original['test_accuracy']:.2f}%, latency "
-            f"{original['latency_ms']:.3f} ms, {original['macs'] / 1e6:.4g}M MACs, "
-            f"{original['params'] / 1e6:.4g}M params"
-        )
+        original = report.get("compress", {}).get("original")
+        if original:
+            print(
+                f"  {'original':<20} accuracy {100 * original['test_accuracy']:.2f}%, latency "
+                f"{original['latency_ms']:.3f} ms, {original['macs'] / 1e6:.4g}M MACs, "
+                f"{original['params'] / 1e6:.4g}M params"
+            )
         for label, value in api.report_rows(report):
             print(f"  {label:<20} {value}")
         for note in report.get("notes", []):
@@ -611,10 +619,6 @@ def _compress(args: argparse.Namespace) -> int:
         )
         return 0 if args.allow_over_budget else EXIT_OVER_BUDGET
     return 0
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -639,22 +643,7 @@ def _search(args: argparse.Namespace) -> int:
         allow_over_budget=args.allow_over_budget,
         progress=not args.json,
     )
-    report = api.report(result.run_dir)
-    if args.json:
-        _print_json(report)
-    else:
-        print(f"\nrun folder: {result.run_dir}")
-        for label, value in api.report_rows(report):
-            print(f"  {label:<20} {value}")
-        for note in report.get("notes", []):
-            print(f"  note: {note}")
-    if not result.meets_budget:
-        print(
-            f"autocomp: THE MODEL MISSES THE BUDGET AS MEASURED (see {result.run_dir}/report.json)",
-            file=sys.stderr,
-        )
-        return 0 if args.allow_over_budget else EXIT_OVER_BUDGET
-    return 0
+    return _finish_run(result, args)
 
 
 def _measure(args: argparse.Namespace) -> int:

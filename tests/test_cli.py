@@ -64,3 +64,23 @@ def test_help_runs_as_a_program():
         [sys.executable, "-m", "autocomp.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "autocomp search --budget 5ms --device cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("meets_budget", [True, False])
+def test_run_summary_and_exit_status(monkeypatch, capsys, tmp_path, compressed, meets_budget):
+    report = {"notes": ["a note"]}
+    if compressed:
+        original = {"test_accuracy": 0.9, "latency_ms": 2.0, "macs": 3e6, "params": 1e5}
+        report["compress"] = {"original": original}
+    monkeypatch.setattr(cli.api, "report", lambda run_dir: report)
+    monkeypatch.setattr(cli.api, "report_rows", lambda r: [("accuracy", "91.00%")])
+    result = cli.api.Result(None, tmp_path / "model.onnx", {}, [], tmp_path, meets_budget)
+    for allow in (False, True):
+        args = argparse.Namespace(json=False, allow_over_budget=allow)
+        code = cli._finish_run(result, args)
+        out, err = capsys.readouterr()
+        assert code == (0 if meets_budget or allow else cli.EXIT_OVER_BUDGET)
+        assert f"run folder: {tmp_path}" in out and "accuracy" in out and "note: a note" in out
+        assert ("original" in out) == compressed
+        assert ("MISSES THE BUDGET AS MEASURED" in err) == (not meets_budget)
