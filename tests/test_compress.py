@@ -31,13 +31,7 @@ X32 = torch.zeros(1, 1, 32, 32)
 TINY = api.Effort(supernet_epochs=1, qat_epochs=1, latency_samples=4, trials=2, finetune_epochs=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine run convolutions many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm(name: str) -> nn.Module:

@@ -22,12 +22,7 @@ from autocomp.supernet.train import evaluate, view
 SHAPE = (1, 1, tt.RESOLUTION, tt.RESOLUTION)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from autocomp.finetune import FinetuneConfig, calibrate_quantizers, finetune
 from autocomp.quant.fake import ActQuant, set_quantization
 from autocomp.supernet.train import evaluate, view
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on an oversubscribed pair."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(split, n):

@@ -22,13 +22,7 @@ from autocomp.spaces import Candidate, builtin_spaces, get_space
 KINDS = list(TINY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on an oversubscribed pair."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=KINDS)

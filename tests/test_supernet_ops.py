@@ -16,14 +16,7 @@ from autocomp.quant.fake import ActQuant, act_qparams, fake_quant_weight
 from autocomp.supernet.bn import recalibrate_bn
 from autocomp.supernet.ops import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on an oversubscribed pair."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(TINY))
