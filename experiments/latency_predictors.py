@@ -6,7 +6,8 @@ Reproduces the issue-3 acceptance numbers on this machine (ORT CPU, 1 thread, ba
   (b) ≥ 15 timm CNN families (pretrained=False, 224x224), fp32 and mixed int8/fp32 (half the
       conv/linear layers, chosen at random, quantized to QDQ);
   (c) few-shot transfer to batch 4 from 30 measured generated models (seed 1000), on held-out
-      generated models at batch 4;
+      generated models at batch 4; also from 130 (100 more, seed 2000), to see whether the
+      number of measurements is what limits it;
   (d) arch-level predictors on the mbv3 search space: fitted on kernel-predictor labels of
       sampled candidates, scored against measured held-out candidates; candidates/s.
 
@@ -362,6 +363,9 @@ def main() -> None:
         # the neighbours, not the model.
         measure_generated(dev, 30, out / "b4_fit.jsonl", seed=1000, batch=4)
         fit4 = read_records(out / "b4_fit.jsonl")[:30]
+        # 100 more (seed 2000), beyond the criterion's 30: is the number of measurements the limit?
+        measure_generated(dev, 100, out / "b4_more.jsonl", seed=2000, batch=4)
+        more4 = fit4 + read_records(out / "b4_more.jsonl")[:100]
         b4 = HeldOut(out, "b4_heldout")
         b4.add(
             [generator.sample_id(1, i) for i in range(args.transfer_heldout)],
@@ -386,6 +390,7 @@ def main() -> None:
                 "kernel predictor fit on the 30 only": only30.fit(*kernel_inputs(fit4)).predict(
                     models4
                 ),
+                "transfer from 130 measurements": adapt(kp, more4, train).predict(models4),
             },
             "transfer from 30 measurements",
         )
