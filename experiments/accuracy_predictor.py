@@ -153,7 +153,11 @@ def main() -> None:
         other_bn = calibration_batches(data.x_train, count=512, batch_size=128, seed=1)
         other = np.stack([per_image(evaluate, c, other_bn) for c in candidates[test]])
         other = other.mean(2, dtype=np.float64)
-    sizes = [n for n in (25, 50, 100, 200, 300, 500, 800) if n <= len(candidates) - args.held_out]
+    sizes = [
+        n
+        for n in (25, 50, 100, 200, 300, 500, 800, 1600, 3200)
+        if n <= len(candidates) - args.held_out
+    ]
     rows = [(kind, kind, X) for kind in KINDS] + [("gbdt encode()", "gbdt", E)]
     for t, name in enumerate(TARGETS):
         y, y_test = scores[:, t], scores[test, t]
