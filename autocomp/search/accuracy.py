@@ -14,7 +14,8 @@ ratio that no single choice shows — plus log2 MACs and parameters. On the mbv3
 score itself (top-1 accuracy on 1728 validation images); per-stage aggregates, other depths and
 rates, or an ensemble of seeds did not beat them in cross-validation on the training candidates.
 More evaluations help slowly: 0.64 / 0.69 / 0.71 at 300 / 500 / 800 training candidates on
-another 100 held out, 0.75 ± 0.02 at 800 over 5 random held-out sets (``--candidates 900``).
+another 100 held out, 0.75 ± 0.02 at 800 over 5 random held-out sets (``--candidates 900``);
+0.77 ± 0.01 at 1600 (``--candidates 1700``, ceiling 0.83).
 """
 
 from __future__ import annotations
