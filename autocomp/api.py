@@ -7,7 +7,6 @@ it runs (``autocomp --help`` and budget errors answer at once, without loading t
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -213,7 +212,7 @@ def search(
 
     from autocomp import data as data_specs
     from autocomp import hardware
-    from autocomp.search import CostModel, run_search
+    from autocomp.search import CostModel, choice, run_search, seeding
     from autocomp.supernet.train import calibration_batches, evaluate_subnet
 
     with _torch_threads(1):  # training and evaluation; see _supernet
@@ -275,10 +274,10 @@ def search(
         def measure_fn(candidate):
             return latency.measure(candidate)
 
-        screening = _screening(budget, latency.slack_)
-        seeding: list[dict[str, Any]] = []  # the uniform scalings measured to seed the search
+        screening = choice.screening(budget, latency.slack_)
+        seed_log: list[dict[str, Any]] = []  # the uniform scalings measured to seed the search
         with clock("search"):
-            seeds, baselines = _search_seeds(space_obj, budget, screening, latency, seeding)
+            seeds, baselines = seeding.search_seeds(space_obj, budget, screening, latency, seed_log)
             found = run_search(
                 space_obj,
                 screening,
@@ -302,9 +301,11 @@ def search(
         with clock("shortlist"):
 
             def choose(tried: list[str], among: list[dict[str, Any]] = found.trials):
-                return _measured_choice(among, latency, budget, tried, shortlist, len(val_split[1]))
+                return choice.measured_choice(
+                    among, latency, budget, tried, shortlist, len(val_split[1])
+                )
 
-            contenders = _contenders(choose, found.trials, baselines, latency, budget)
+            contenders = choice.contenders(choose, found.trials, baselines, latency, budget)
         finetuned: dict[str, tuple[Any, dict[str, Any]]] = {}
 
         def finetune(candidate, record):
@@ -324,7 +325,7 @@ def search(
             return finetuned[key]
 
         with clock("arbitration"):
-            first, arbitration = _arbitrate(contenders, finetune, len(val_split[1]))
+            first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
         first = first or found.best_metrics  # (which verification then judges)
 
         def verify(model, candidate):
@@ -341,7 +342,7 @@ def search(
             config, budget, dev, space_obj, candidate, final, found, latency, rounds, timings
         )
         report["search"]["screening_budget_ms"] = screening.latency_ms
-        report["seeding"] = seeding
+        report["seeding"] = seed_log
         report["shortlist"] = shortlist
         report["arbitration"] = arbitration
         missed = [m for m in shortlist if m["latency_measured_ms"] > (budget.latency_ms or 0)]
@@ -405,7 +406,7 @@ def compress(
     from autocomp.prune.finish import agreement, finish, score
     from autocomp.prune.latency import MODES, PolicyLatency
     from autocomp.prune.pruning import IMPORTANCES, ModelPruner
-    from autocomp.search import CostModel, run_search
+    from autocomp.search import CostModel, choice, run_search, seeding
     from autocomp.supernet.train import calibration_batches, evaluate, view
 
     with _torch_threads(1):
@@ -558,7 +559,7 @@ def compress(
 
         with clock("search"):
             if not resume:
-                _seed_study(space_obj, sampler, storage, run_dir)
+                seeding.seed_study(space_obj, sampler, storage, run_dir)
             found = run_search(
                 space_obj,
                 budget,
@@ -610,7 +611,7 @@ def compress(
             return verdict
 
         def choose(tried: list[str]):
-            return _rechoose(found.trials, lat, budget, tried)
+            return choice.rechoose(found.trials, lat, budget, tried)
 
         tuned_model, candidate, rounds = _verify_rounds(
             found.best_metrics, choose, lat, budget, clock, finetune, verify
@@ -646,134 +647,6 @@ def compress(
                 "scores are those of an untrained network, and no distillation teacher was used"
             )
         return _write_run(run_dir, tuned_model, candidate, report, clock, timings)
-
-
-def uniform_scalings(space, bits: int) -> list:
-    """The hand-made baseline a search must beat: the space's full network (deepest stages,
-    largest kernels and expansions, highest resolution) scaled by one width knob, every stage at
-    the same width choice and every layer at the same keep ratio, all layers at ``bits``; the
-    most MACs first."""
-    values = space.values(space.largest())
-    widths = {p.name for p in space.params if p.name.startswith("arch.width.") and p.name in values}
-    keeps = sorted({v for p in space.params if p.section == "widths" for v in p.choices})
-    grid = []
-    steps = [len(p.choices) for p in space.params if p.name in widths]
-    for index in range(max(steps, default=1)):
-        for keep in keeps:
-            scaled = dict(values)
-            for p in space.params:
-                if p.name not in values:
-                    continue
-                if p.name in widths:
-                    scaled[p.name] = p.choices[min(index, len(p.choices) - 1)]
-                elif p.section == "widths" and keep in p.choices:
-                    scaled[p.name] = keep
-                elif p.section == "bits" and bits in p.choices:
-                    scaled[p.name] = bits
-            grid.append(space.from_values(scaled))
-    grid = list({c.key(): c for c in grid}.values())
-    return sorted(grid, key=lambda c: space.cost(c).macs, reverse=True)
-
-
-def _search_seeds(
-    space, budget: Budget, screening: Budget, latency, log: list | None = None
-) -> tuple[list, list]:
-    """What a search evaluates first, and the baselines among them: the largest candidate (which
-    wins outright where the budget does not bind) and, per precision, the widest uniform scaling
-    (:func:`uniform_scalings`) that meets the budget, the hand-made baseline the choice must beat
-    (:func:`_arbitrate`). Under a latency budget the widest of the scalings that pass screening
-    that meets the budget as measured is found by :func:`_widest_fitting`: the latency model
-    learns those measurements, and it is least sure of such all-int8 or all-fp32 networks. Each
-    measurement is appended to ``log``."""
-    from autocomp.search import CostModel
-
-    costs = CostModel(space, screening, latency.predict)
-    baselines = []
-    for bits in sorted({b for p in space.params if p.section == "bits" for b in p.choices}):
-        grid = uniform_scalings(space, bits)
-        admitted = [c for c, ok in zip(grid, costs.feasible_mask(grid), strict=True) if ok]
-        if budget.latency_ms is None:
-            baselines += admitted[:1]
-            continue
-
-        def fits(candidate, bits=bits, limit=budget.latency_ms) -> bool:
-            ms = latency.measure(candidate)
-            latency.add(candidate, ms)
-            if log is not None:
-                macs = space.cost(candidate).macs
-                row = {"bits": bits, "key": candidate.key(), "macs": macs, "measured_ms": ms}
-                log.append(row | {"fits": ms <= limit})
-            return ms <= limit
-
-        widest = _widest_fitting(admitted, fits)
-        baselines += [widest] if widest is not None else []
-    baselines = list({c.key(): c for c in baselines}.values())
-    seeds = list({c.key(): c for c in [space.largest(), *baselines]}.values())
-    return seeds, baselines
-
-
-def _widest_fitting(scalings: list, fits) -> Any:
-    """The first of ``scalings`` (widest first, so latency falls along them) for which
-    ``fits`` (a measurement) holds, in at most ``SEED_MEASUREMENTS`` calls: the widest first
-    (where the budget does not bind, one measurement), then bisection. Measuring down the list
-    instead can spend every call on scalings just over the budget, which screening admits with
-    the latency model's slack (at 1 ms on digits_hard the 64² fp32 scalings that measure 0.92 and
-    0.99 ms are the eighth and seventh widest). ``None`` if no measured one fits."""
-    if not scalings:
-        return None
-    if fits(scalings[0]):
-        return scalings[0]
-    best, lo, hi = None, 1, len(scalings) - 1  # scalings[lo - 1] is known to miss
-    for _ in range(SEED_MEASUREMENTS - 1):
-        if lo > hi:
-            break
-        mid = (lo + hi) // 2
-        if fits(scalings[mid]):
-            best, hi = scalings[mid], mid - 1
-        else:
-            lo = mid + 1
-    return best
-
-
-#: Uniform scalings measured per precision, at most, to seed a search (:func:`_search_seeds`).
-SEED_MEASUREMENTS = 4
-
-
-def anchor_policies(space) -> list:
-    """The policies a compression search starts from, the usual hand-made ones: the whole model
-    in int8, then every group at each keep ratio (uniform pruning) in int8 and in fp32."""
-    bit_choices = [b for b in (8, 32) if b in space.bit_choices]
-    ratios = sorted(space.keep_ratios, reverse=True)
-    anchors = []
-    for ratio in ratios:
-        for bits in bit_choices:
-            values = {p.name: ratio if p.section == "widths" else bits for p in space.params}
-            anchors.append(space.from_values(values))
-    largest = space.largest()
-    unique = {c.key(): c for c in anchors if c.key() != largest.key()}
-    return list(unique.values())
-
-
-def _seed_study(space, sampler: str, storage, run_dir: Path) -> None:
-    """Create the run's study with :func:`anchor_policies` queued as its first trials, so that
-    the search starts from the hand-made policies (infeasible ones are screened out for free)
-    and its sampler learns from them."""
-    import optuna
-
-    from autocomp.search.storage import open_storage
-
-    store, _ = open_storage(storage, run_dir)
-    directions = ["maximize", "minimize"] if sampler == "nsga2" else ["maximize"]
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(
-            storage=store, study_name="search", directions=directions, load_if_exists=True
-        )
-        for anchor in anchor_policies(space):
-            study.enqueue_trial(space.values(anchor), skip_if_exists=True)
-    finally:
-        optuna.logging.set_verbosity(level)
 
 
 #: Measurements of a verified model that missed its latency budget, counting the first.
@@ -1153,190 +1026,6 @@ def _write_run(run_dir: Path, model, candidate, report: dict[str, Any], clock, t
         run_dir,
         bool(report["meets_budget"]),
     )
-
-
-#: Most accurate candidates measured on the device before one is finetuned.
-SHORTLIST = 12
-
-
-def _screening(budget: Budget, slack: float) -> Budget:
-    """The budget the search screens candidates with: the latency term widened by the latency
-    model's measured over-prediction, so that candidates it wrongly puts over the budget are
-    still evaluated (the device decides among them, :func:`_measured_choice`)."""
-    if budget.latency_ms is None:
-        return budget
-    return replace(budget, latency_ms=budget.latency_ms * (1.0 + slack))
-
-
-def _measured_choice(trials, latency, budget: Budget, tried: list[str], log: list, n_val: int):
-    """The most accurate evaluated candidate that meets the budget *as measured on the device*
-    (``None`` if there is none).
-
-    The search screens with predicted latency; a prediction off by 10% either way would
-    otherwise pick a model under the budget, or one that misses it. So the most accurate
-    candidates whose exact terms meet the budget are measured (``SHORTLIST`` at most, export +
-    fastest of two medians each) and the first that meets it wins; each measurement also
-    corrects the latency model. If none does, the corrected model chooses among the rest. Every
-    measurement is appended to ``log``.
-
-    "Most accurate" is read with the validation split's noise in mind (``n_val`` images): the
-    candidates within one standard error of the best score are tied, and among them the one with
-    the most MACs goes first. Inherited scores that close are not evidence of a better network
-    (on digits_hard the 15 best of 40 lay within 4 points, the standard error being 2.7), while
-    capacity is what the finetune makes use of.
-    """
-    from autocomp.spaces import Candidate
-
-    exact = replace(budget, latency_ms=None)
-    rows = [
-        t
-        for t in trials
-        if t["accuracy"] is not None
-        and t["candidate"] is not None
-        and Candidate.from_dict(t["candidate"]).key() not in tried
-        and exact.is_met(**{k: t[k] for k in exact.terms()})
-    ]
-    ranked = sorted(rows, key=lambda t: -t["accuracy"])
-    if ranked:
-        band = _tied_with(ranked[0]["accuracy"], n_val)
-        tied = sorted((t for t in ranked if t["accuracy"] >= band), key=lambda t: -t["macs"])
-        ranked = tied + [t for t in ranked if t["accuracy"] < band]
-    if budget.latency_ms is None:
-        return ranked[0] if ranked else None
-    logged = {m["key"]: m for m in log}
-    fresh = 0
-    for row in ranked:
-        candidate = Candidate.from_dict(row["candidate"])
-        key = candidate.key()
-        if key not in logged:
-            if fresh == SHORTLIST:
-                break
-            fresh += 1
-            estimate = float(latency.predict([candidate], measured=False)[0])
-            ms = latency.measure(candidate)
-            latency.correct(candidate, ms)
-            logged[key] = {
-                "number": row["number"],
-                "key": key,
-                "accuracy": row["accuracy"],
-                "latency_predicted_ms": estimate,  # the model's, not a seed's measurement
-                "latency_measured_ms": ms,
-            }
-            log.append(logged[key])
-        m = logged[key]
-        if m["latency_measured_ms"] <= budget.latency_ms:
-            return row | {k: m[k] for k in ("latency_predicted_ms", "latency_measured_ms")}
-    return _rechoose(trials, latency, budget, [*tried, *logged])
-
-
-#: Candidates of the ranking (:func:`_measured_choice`) finetuned before one is chosen.
-CONTENDERS = 2
-#: Share of a latency budget from which a candidate counts as using it (issue 6's 80%).
-FILLS = 0.8
-
-
-def _contenders(choose, trials, baselines, latency, budget: Budget) -> list[dict[str, Any]]:
-    """What :func:`_arbitrate` finetunes: the first ``CONTENDERS`` candidates ``choose(tried,
-    among=trials)`` gives that meet the budget as measured (the first may rest on the corrected
-    latency model alone, as a lone choice would); under a latency budget, the same choice among
-    the candidates predicted to use at least ``FILLS`` of it (inherited scores undervalue the
-    larger networks that the finetune lifts most); then every baseline among the evaluated
-    trials (:func:`_search_seeds`; each met the budget when it was measured, or by exact
-    terms)."""
-    from autocomp.spaces import Candidate
-
-    def key(row):
-        return Candidate.from_dict(row["candidate"]).key()
-
-    evaluated = {
-        key(t): t for t in trials if t["accuracy"] is not None and t["candidate"] is not None
-    }
-    picks: list[dict[str, Any]] = []
-    while len(picks) < CONTENDERS:
-        row = choose([key(r) for r in picks])
-        if row is None or (picks and budget.latency_ms and "latency_measured_ms" not in row):
-            break
-        picks.append(row)
-    if budget.latency_ms and picks:
-        rows = list(evaluated.values())
-        predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
-        filling = [
-            t for t, ms in zip(rows, predicted, strict=True) if ms >= FILLS * budget.latency_ms
-        ]
-        row = choose([key(r) for r in picks], among=filling)
-        if row is not None and "latency_measured_ms" in row:
-            picks.append(row)
-    chosen = {key(r) for r in picks}
-    for baseline in baselines:
-        row = evaluated.get(baseline.key())
-        if row is not None and baseline.key() not in chosen:
-            estimate = float(latency.predict([baseline], measured=False)[0])
-            picks.append(row | {"latency_predicted_ms": estimate, "baseline": True})
-    return picks
-
-
-def _tied_with(best: float, n_val: int) -> float:
-    """The lowest validation accuracy tied with ``best`` on ``n_val`` images: one standard
-    error below it."""
-    return best - math.sqrt(best * (1 - best) / max(n_val, 1))
-
-
-def _arbitrate(
-    contenders, finetune, n_val: int
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Finetune every contender and keep the one most accurate on validation (``n_val`` images)
-    afterwards, reading ties as :func:`_measured_choice` does: among the contenders within one
-    standard error of the best, the one with the most MACs (then the ranking's order).
-
-    Inherited scores rank before the finetune, and the finetune does not lift every network
-    alike: on digits_hard the 64² uniform scalings scored 4-5 points below the best 48²
-    candidates with inherited weights and 2 points above them finetuned. Measuring the
-    contenders after the finetune makes the choice on what is shipped, with the hand-made
-    baselines among them. The search's own picks were already selected on the same images (and
-    so are flattered by them); at 1 ms the chosen 48² model led a 64² fp32 one by 2.1 points on
-    validation (standard error 2.4) and trailed it by 2.4 points on test. Returns the choice and
-    one row per contender."""
-    from autocomp.spaces import Candidate
-
-    table = []
-    for row in contenders:
-        candidate = Candidate.from_dict(row["candidate"])
-        _, tuned = finetune(candidate, row)
-        table.append(
-            {
-                "number": row["number"],
-                "key": candidate.key(),
-                "baseline": bool(row.get("baseline")),
-                "inherited_val_accuracy": row["accuracy"],
-                "finetuned_val_accuracy": tuned["val_accuracy"],
-                "macs": row.get("macs"),
-            }
-        )
-    if not table:
-        return None, table
-    band = _tied_with(max(row["finetuned_val_accuracy"] for row in table), n_val)
-    tied = [i for i, row in enumerate(table) if row["finetuned_val_accuracy"] >= band]
-    best = max(tied, key=lambda i: (table[i]["macs"] or 0, -i))
-    table[best]["chosen"] = True
-    return contenders[best], table
-
-
-def _rechoose(trials, latency, budget: Budget, tried: list[str]):
-    """The most accurate evaluated candidate that meets the budget under the corrected latency."""
-    from autocomp.spaces import Candidate
-
-    rows = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
-    rows = [t for t in rows if Candidate.from_dict(t["candidate"]).key() not in tried]
-    if not rows:
-        return None
-    predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
-    ok = []
-    for row, ms in zip(rows, predicted, strict=True):
-        costs = {k: row.get(k) for k in ("flops", "params", "size_bytes")}
-        costs["latency_ms"] = float(ms)
-        if budget.is_met(**{k: costs[k] for k in budget.terms()}):
-            ok.append(row | {"latency_predicted_ms": float(ms)})
-    return max(ok, key=lambda t: t["accuracy"]) if ok else None
 
 
 def _report(config, budget, dev, space, candidate, final, found, latency, rounds, timings):

@@ -6,13 +6,13 @@ experiments/make_hard_digits.py), under one measured latency budget on the ``cpu
 * **searched**: ``autocomp search`` end to end (its run folder is kept and reused on re-runs);
 * **uniform**: the space's full network (deepest stages, largest kernels and expansions, highest
   resolution) scaled by one width knob for all layers — every stage at the same width choice and
-  every layer at the same keep ratio (``api.uniform_scalings``) — once all fp32 and once all
+  every layer at the same keep ratio (``seeding.uniform_scalings``) — once all fp32 and once all
   int8. For each precision the widest scaling whose *measured* latency meets the budget is taken
   (measured widest first, no prediction involved; after its finetune it is verified as the
   search's choice is, and a miss passes to the next narrower scaling). The search evaluates the
   widest scaling of each precision that its latency model admits among its first trials
-  (``api._search_seeds``) and finetunes those that measure within the budget next to its own
-  best (``api._arbitrate``), so this table shows what the search adds over the baseline.
+  (``seeding.search_seeds``) and finetunes those that measure within the budget next to its own
+  best (``choice.arbitrate``), so this table shows what the search adds over the baseline.
 
 Both sides get the same treatment after the choice: weights inherited from the same supernet,
 then the same finetune (epochs, distillation from the largest subnet, QAT of the int8 layers),
@@ -40,6 +40,7 @@ from pathlib import Path
 from autocomp import api, data, hardware
 from autocomp.budget import Budget
 from autocomp.latency.space import SpaceLatency
+from autocomp.search import seeding
 from autocomp.spaces import Candidate
 from autocomp.supernet.train import calibration_batches, evaluate_subnet
 
@@ -113,7 +114,7 @@ def main() -> int:
             return evaluate_subnet(net, candidate, bn_batches, val_split)
 
         rows = [("searched", searched.metrics["candidate"], searched.metrics)]
-        grids = {b: {c.key(): c for c in api.uniform_scalings(space, b)} for b in (32, 8)}
+        grids = {b: {c.key(): c for c in seeding.uniform_scalings(space, b)} for b in (32, 8)}
         chosen_key = Candidate.from_dict(searched.metrics["candidate"]).key()
         for bits, grid in grids.items():
             if chosen_key in grid:

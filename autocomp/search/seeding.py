@@ -1,0 +1,140 @@
+"""What a search starts from: the hand-made networks it must beat, evaluated first.
+
+A search over a supernet is seeded with the largest candidate and, per precision, the widest
+uniform width scaling that fits the budget as measured; a compression search with the usual
+uniform policies (every group at one keep ratio, all int8 or all fp32). The sampler learns from
+them, and the choice (:mod:`autocomp.search.choice`) finetunes the baselines next to its own picks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from autocomp.budget import Budget
+from autocomp.search.costs import CostModel
+from autocomp.search.storage import open_storage
+
+
+def uniform_scalings(space, bits: int) -> list:
+    """The hand-made baseline a search must beat: the space's full network (deepest stages,
+    largest kernels and expansions, highest resolution) scaled by one width knob, every stage at
+    the same width choice and every layer at the same keep ratio, all layers at ``bits``; the
+    most MACs first."""
+    values = space.values(space.largest())
+    widths = {p.name for p in space.params if p.name.startswith("arch.width.") and p.name in values}
+    keeps = sorted({v for p in space.params if p.section == "widths" for v in p.choices})
+    grid = []
+    steps = [len(p.choices) for p in space.params if p.name in widths]
+    for index in range(max(steps, default=1)):
+        for keep in keeps:
+            scaled = dict(values)
+            for p in space.params:
+                if p.name not in values:
+                    continue
+                if p.name in widths:
+                    scaled[p.name] = p.choices[min(index, len(p.choices) - 1)]
+                elif p.section == "widths" and keep in p.choices:
+                    scaled[p.name] = keep
+                elif p.section == "bits" and bits in p.choices:
+                    scaled[p.name] = bits
+            grid.append(space.from_values(scaled))
+    grid = list({c.key(): c for c in grid}.values())
+    return sorted(grid, key=lambda c: space.cost(c).macs, reverse=True)
+
+
+def search_seeds(
+    space, budget: Budget, screening: Budget, latency, log: list | None = None
+) -> tuple[list, list]:
+    """What a search evaluates first, and the baselines among them: the largest candidate (which
+    wins outright where the budget does not bind) and, per precision, the widest uniform scaling
+    (:func:`uniform_scalings`) that meets the budget, the hand-made baseline the choice must beat
+    (:func:`~autocomp.search.choice.arbitrate`). Under a latency budget the widest of the
+    scalings that pass screening that meets the budget as measured is found by
+    :func:`widest_fitting`: the latency model learns those measurements, and it is least sure of
+    such all-int8 or all-fp32 networks. Each measurement is appended to ``log``."""
+    costs = CostModel(space, screening, latency.predict)
+    baselines = []
+    for bits in sorted({b for p in space.params if p.section == "bits" for b in p.choices}):
+        grid = uniform_scalings(space, bits)
+        admitted = [c for c, ok in zip(grid, costs.feasible_mask(grid), strict=True) if ok]
+        if budget.latency_ms is None:
+            baselines += admitted[:1]
+            continue
+
+        def fits(candidate, bits=bits, limit=budget.latency_ms) -> bool:
+            ms = latency.measure(candidate)
+            latency.add(candidate, ms)
+            if log is not None:
+                macs = space.cost(candidate).macs
+                row = {"bits": bits, "key": candidate.key(), "macs": macs, "measured_ms": ms}
+                log.append(row | {"fits": ms <= limit})
+            return ms <= limit
+
+        widest = widest_fitting(admitted, fits)
+        baselines += [widest] if widest is not None else []
+    baselines = list({c.key(): c for c in baselines}.values())
+    seeds = list({c.key(): c for c in [space.largest(), *baselines]}.values())
+    return seeds, baselines
+
+
+def widest_fitting(scalings: list, fits) -> Any:
+    """The first of ``scalings`` (widest first, so latency falls along them) for which
+    ``fits`` (a measurement) holds, in at most ``SEED_MEASUREMENTS`` calls: the widest first
+    (where the budget does not bind, one measurement), then bisection. Measuring down the list
+    instead can spend every call on scalings just over the budget, which screening admits with
+    the latency model's slack (at 1 ms on digits_hard the 64² fp32 scalings that measure 0.92 and
+    0.99 ms are the eighth and seventh widest). ``None`` if no measured one fits."""
+    if not scalings:
+        return None
+    if fits(scalings[0]):
+        return scalings[0]
+    best, lo, hi = None, 1, len(scalings) - 1  # scalings[lo - 1] is known to miss
+    for _ in range(SEED_MEASUREMENTS - 1):
+        if lo > hi:
+            break
+        mid = (lo + hi) // 2
+        if fits(scalings[mid]):
+            best, hi = scalings[mid], mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+#: Uniform scalings measured per precision, at most, to seed a search (:func:`search_seeds`).
+SEED_MEASUREMENTS = 4
+
+
+def anchor_policies(space) -> list:
+    """The policies a compression search starts from, the usual hand-made ones: the whole model
+    in int8, then every group at each keep ratio (uniform pruning) in int8 and in fp32."""
+    bit_choices = [b for b in (8, 32) if b in space.bit_choices]
+    ratios = sorted(space.keep_ratios, reverse=True)
+    anchors = []
+    for ratio in ratios:
+        for bits in bit_choices:
+            values = {p.name: ratio if p.section == "widths" else bits for p in space.params}
+            anchors.append(space.from_values(values))
+    largest = space.largest()
+    unique = {c.key(): c for c in anchors if c.key() != largest.key()}
+    return list(unique.values())
+
+
+def seed_study(space, sampler: str, storage, run_dir: Path) -> None:
+    """Create the run's study with :func:`anchor_policies` queued as its first trials, so that
+    the search starts from the hand-made policies (infeasible ones are screened out for free)
+    and its sampler learns from them."""
+    store, _ = open_storage(storage, run_dir)
+    directions = ["maximize", "minimize"] if sampler == "nsga2" else ["maximize"]
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            storage=store, study_name="search", directions=directions, load_if_exists=True
+        )
+        for anchor in anchor_policies(space):
+            study.enqueue_trial(space.values(anchor), skip_if_exists=True)
+    finally:
+        optuna.logging.set_verbosity(level)
