@@ -3,19 +3,24 @@
 The search ranks candidates by inherited validation accuracy and screens them with predicted
 latency. Both are estimates, so the choice measures the best-ranked candidates on the device,
 reads accuracies within one standard error as ties, and finetunes a few contenders (the search's
-picks and the hand-made baselines) before keeping one. ``latency`` is the space's latency model
-(:class:`~autocomp.latency.space.SpaceLatency`: ``predict``, ``measure``, ``correct``); trials are
-the rows of :class:`~autocomp.search.controller.SearchResult`.
+picks and the hand-made baselines) before keeping one. ``latency`` is the run's latency model
+(``predict``, ``measure``, ``correct``: :class:`~autocomp.latency.space.SpaceLatency` for a
+supernet search, :class:`~autocomp.prune.latency.PolicyLatency` for compression).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from autocomp.budget import Budget
 from autocomp.spaces.candidate import Candidate
+
+#: A row of :attr:`SearchResult.trials <autocomp.search.controller.SearchResult>`: number,
+#: accuracy, candidate (as a dict), exact costs, predicted (and perhaps measured) latency.
+Trial = dict[str, Any]
 
 #: Most accurate candidates measured on the device before one is finetuned.
 SHORTLIST = 12
@@ -30,7 +35,9 @@ def screening(budget: Budget, slack: float) -> Budget:
     return replace(budget, latency_ms=budget.latency_ms * (1.0 + slack))
 
 
-def measured_choice(trials, latency, budget: Budget, tried: list[str], log: list, n_val: int):
+def measured_choice(
+    trials: list[Trial], latency: Any, budget: Budget, tried: list[str], log: list, n_val: int
+) -> Trial | None:
     """The most accurate evaluated candidate that meets the budget *as measured on the device*
     (``None`` if there is none).
 
@@ -95,7 +102,13 @@ CONTENDERS = 2
 FILLS = 0.8
 
 
-def contenders(choose, trials, baselines, latency, budget: Budget) -> list[dict[str, Any]]:
+def contenders(
+    choose: Callable[..., Trial | None],
+    trials: list[Trial],
+    baselines: list[Candidate],
+    latency: Any,
+    budget: Budget,
+) -> list[Trial]:
     """What :func:`arbitrate` finetunes: the first ``CONTENDERS`` candidates ``choose(tried,
     among=trials)`` gives that meet the budget as measured (the first may rest on the corrected
     latency model alone, as a lone choice would); under a latency budget, the same choice among
@@ -141,8 +154,10 @@ def tied_with(best: float, n_val: int) -> float:
 
 
 def arbitrate(
-    contenders, finetune, n_val: int
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    contenders: list[Trial],
+    finetune: Callable[[Candidate, Trial], tuple[Any, dict[str, Any]]],
+    n_val: int,
+) -> tuple[Trial | None, list[dict[str, Any]]]:
     """Finetune every contender and keep the one most accurate on validation (``n_val`` images)
     afterwards, reading ties as :func:`measured_choice` does: among the contenders within one
     standard error of the best, the one with the most MACs (then the ranking's order).
@@ -178,7 +193,7 @@ def arbitrate(
     return contenders[best], table
 
 
-def rechoose(trials, latency, budget: Budget, tried: list[str]):
+def rechoose(trials: list[Trial], latency: Any, budget: Budget, tried: list[str]) -> Trial | None:
     """The most accurate evaluated candidate that meets the budget under the corrected latency."""
     rows = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
     rows = [t for t in rows if Candidate.from_dict(t["candidate"]).key() not in tried]

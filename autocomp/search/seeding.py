@@ -8,6 +8,7 @@ them, and the choice (:mod:`autocomp.search.choice`) finetunes the baselines nex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import optuna
 from autocomp.budget import Budget
 from autocomp.search.costs import CostModel
 from autocomp.search.storage import open_storage
+from autocomp.spaces.candidate import Candidate
 
 
-def uniform_scalings(space, bits: int) -> list:
+def uniform_scalings(space: Any, bits: int) -> list[Candidate]:
     """The hand-made baseline a search must beat: the space's full network (deepest stages,
     largest kernels and expansions, highest resolution) scaled by one width knob, every stage at
     the same width choice and every layer at the same keep ratio, all layers at ``bits``; the
@@ -46,8 +48,8 @@ def uniform_scalings(space, bits: int) -> list:
 
 
 def search_seeds(
-    space, budget: Budget, screening: Budget, latency, log: list | None = None
-) -> tuple[list, list]:
+    space: Any, budget: Budget, screening: Budget, latency: Any, log: list | None = None
+) -> tuple[list[Candidate], list[Candidate]]:
     """What a search evaluates first, and the baselines among them: the largest candidate (which
     wins outright where the budget does not bind) and, per precision, the widest uniform scaling
     (:func:`uniform_scalings`) that meets the budget, the hand-made baseline the choice must beat
@@ -80,7 +82,7 @@ def search_seeds(
     return seeds, baselines
 
 
-def widest_fitting(scalings: list, fits) -> Any:
+def widest_fitting(scalings: list, fits: Callable[[Any], bool]) -> Any:
     """The first of ``scalings`` (widest first, so latency falls along them) for which
     ``fits`` (a measurement) holds, in at most ``SEED_MEASUREMENTS`` calls: the widest first
     (where the budget does not bind, one measurement), then bisection. Measuring down the list
@@ -107,7 +109,7 @@ def widest_fitting(scalings: list, fits) -> Any:
 SEED_MEASUREMENTS = 4
 
 
-def anchor_policies(space) -> list:
+def anchor_policies(space: Any) -> list[Candidate]:
     """The policies a compression search starts from, the usual hand-made ones: the whole model
     in int8, then every group at each keep ratio (uniform pruning) in int8 and in fp32."""
     bit_choices = [b for b in (8, 32) if b in space.bit_choices]
@@ -122,7 +124,7 @@ def anchor_policies(space) -> list:
     return list(unique.values())
 
 
-def seed_study(space, sampler: str, storage, run_dir: Path) -> None:
+def seed_study(space: Any, sampler: str, storage: str | None, run_dir: Path) -> None:
     """Create the run's study with :func:`anchor_policies` queued as its first trials, so that
     the search starts from the hand-made policies (infeasible ones are screened out for free)
     and its sampler learns from them."""
