@@ -11,7 +11,7 @@ supernet search, :class:`~autocomp.prune.latency.PolicyLatency` for compression)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,16 @@ Trial = dict[str, Any]
 
 #: Most accurate candidates measured on the device before one is finetuned.
 SHORTLIST = 12
+
+
+def _key(row: Trial) -> str:
+    return Candidate.from_dict(row["candidate"]).key()
+
+
+def _evaluated(trials: list[Trial], tried: Collection[str] = ()) -> list[Trial]:
+    """The trials that were scored (pruned and failed ones were not), less those ``tried``."""
+    scored = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
+    return [t for t in scored if _key(t) not in tried] if tried else scored
 
 
 def screening(budget: Budget, slack: float) -> Budget:
@@ -56,12 +66,7 @@ def measured_choice(
     """
     exact = replace(budget, latency_ms=None)
     rows = [
-        t
-        for t in trials
-        if t["accuracy"] is not None
-        and t["candidate"] is not None
-        and Candidate.from_dict(t["candidate"]).key() not in tried
-        and exact.is_met(**{k: t[k] for k in exact.terms()})
+        t for t in _evaluated(trials, tried) if exact.is_met(**{k: t[k] for k in exact.terms()})
     ]
     ranked = sorted(rows, key=lambda t: -t["accuracy"])
     if ranked:
@@ -116,16 +121,10 @@ def contenders(
     larger networks that the finetune lifts most); then every baseline among the evaluated
     trials (:func:`~autocomp.search.seeding.search_seeds`; each met the budget when it was
     measured, or by exact terms)."""
-
-    def key(row):
-        return Candidate.from_dict(row["candidate"]).key()
-
-    evaluated = {
-        key(t): t for t in trials if t["accuracy"] is not None and t["candidate"] is not None
-    }
+    evaluated = {_key(t): t for t in _evaluated(trials)}
     picks: list[dict[str, Any]] = []
     while len(picks) < CONTENDERS:
-        row = choose([key(r) for r in picks])
+        row = choose([_key(r) for r in picks])
         if row is None or (picks and budget.latency_ms and "latency_measured_ms" not in row):
             break
         picks.append(row)
@@ -135,10 +134,10 @@ def contenders(
         filling = [
             t for t, ms in zip(rows, predicted, strict=True) if ms >= FILLS * budget.latency_ms
         ]
-        row = choose([key(r) for r in picks], among=filling)
+        row = choose([_key(r) for r in picks], among=filling)
         if row is not None and "latency_measured_ms" in row:
             picks.append(row)
-    chosen = {key(r) for r in picks}
+    chosen = {_key(r) for r in picks}
     for baseline in baselines:
         row = evaluated.get(baseline.key())
         if row is not None and baseline.key() not in chosen:
@@ -195,8 +194,7 @@ def arbitrate(
 
 def rechoose(trials: list[Trial], latency: Any, budget: Budget, tried: list[str]) -> Trial | None:
     """The most accurate evaluated candidate that meets the budget under the corrected latency."""
-    rows = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
-    rows = [t for t in rows if Candidate.from_dict(t["candidate"]).key() not in tried]
+    rows = _evaluated(trials, tried)
     if not rows:
         return None
     predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
