@@ -11,8 +11,8 @@ keeps — log2 of every layer's output channels, the product of stage width, exp
 ratio that no single choice shows — plus log2 MACs and parameters. On the mbv3-digits experiment
 (fitted on 300 candidates, 100 held out) they raise the τ of gradient-boosted trees from 0.63
 (``encode()`` alone) to 0.67, against an oracle ceiling of 0.85 set by the noise of the direct
-score itself (top-1 accuracy on 1728 validation images); per-stage aggregates, other depths and
-rates, or an ensemble of seeds did not beat them in cross-validation on the training candidates.
+score itself (top-1 accuracy on 1728 validation images); at that size per-stage aggregates,
+other learning rates or an ensemble of seeds did not beat them in cross-validation.
 More evaluations help slowly, about +0.03 per doubling: τ 0.76 / 0.78 / 0.81 at 800 / 1600 /
 3200 training candidates on another 100 held out, and 0.806 ± 0.016 at 3200 over 5 random
 held-out sets (``--candidates 3300``; ceiling 0.85). A histogram-binned booster ranked about as

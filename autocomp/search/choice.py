@@ -33,7 +33,7 @@ def _key(row: Trial) -> str:
 def _evaluated(trials: list[Trial], tried: Collection[str] = ()) -> list[Trial]:
     """The trials that were scored (pruned and failed ones were not), less those ``tried``."""
     scored = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
-    return [t for t in scored if _key(t) not in tried] if tried else scored
+    return [t for t in scored if _key(t) not in tried]
 
 
 def screening(budget: Budget, slack: float) -> Budget:
@@ -122,7 +122,7 @@ def contenders(
     trials (:func:`~autocomp.search.seeding.search_seeds`; each met the budget when it was
     measured, or by exact terms)."""
     evaluated = {_key(t): t for t in _evaluated(trials)}
-    picks: list[dict[str, Any]] = []
+    picks: list[Trial] = []
     while len(picks) < CONTENDERS:
         row = choose([_key(r) for r in picks])
         if row is None or (picks and budget.latency_ms and "latency_measured_ms" not in row):
