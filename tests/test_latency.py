@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -164,6 +165,26 @@ def test_benchmark_times_every_kernel_ort_executes():
     assert any(k.op == "QLinearConv" for k in kernels)  # int8 kernels are timed on their own
     measured = get_device("cpu", timing=QUICK).measure(mixed, s.input_shape).median_ms
     assert 0.2 < sum(times.values()) / measured < 5  # the same order as the whole model
+
+
+def test_benchmark_keeps_one_kernel_session_alive(monkeypatch):
+    """With several threads every session owns spinning workers: sessions left alive took the
+    cores from the kernel being timed (a model's kernels summed to 3x the model at 2 threads)."""
+    from autocomp.latency import microbench
+
+    s = generator.generate(0, 5)
+    threads_seen = []
+    timed = microbench._time
+
+    def counting(call, timing, clock):
+        threads_seen.append(len(os.listdir("/proc/self/task")))
+        return timed(call, timing, clock)
+
+    monkeypatch.setattr(microbench, "_time", counting)
+    before = len(os.listdir("/proc/self/task"))
+    kernels, _ = benchmark_kernels(s.onnx_model, s.input_shape, threads=2, timing=BenchTiming(1))
+    assert len(kernels) > 10 and len(threads_seen) == len(kernels) + 1
+    assert max(threads_seen) <= before + 2  # one session's worker (+ slack), not one per kernel
 
 
 def test_cpu_dataset_records_hold_kernel_benchmarks(tmp_path):

@@ -14,7 +14,8 @@ Inputs are random tensors of the recorded shapes and types (a kernel's speed doe
 the values of a CNN's activations); weights, scales and shape tensors are the model's own.
 Outputs are pre-bound, so no copy is timed; the cost of one empty call (an ``Identity`` of one
 element) is subtracted. Every kernel is timed in ``passes`` interleaved passes and keeps its
-fastest pass median: a neighbour's load only ever slows a pass down.
+fastest pass median: a neighbour's load only ever slows a pass down. Each kernel's session lives
+only while it is timed: with several threads a live session's workers spin and take the cores.
 """
 
 from __future__ import annotations
@@ -179,6 +180,16 @@ def _empty_call(threads: int) -> Callable[[], None]:
     return lambda: session.run_with_iobinding(binding)
 
 
+def _session_or_error(make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
+    """``make()``, with ONNX Runtime's failures as one-line errors."""
+    try:
+        return make()
+    except AutocompError:
+        raise
+    except Exception as err:
+        raise AutocompError(f"cannot benchmark the model's kernels: {one_line(err)}") from None
+
+
 def _time(call: Callable[[], None], timing: BenchTiming, clock: Callable[[], int]) -> float:
     """Median ms of timed runs after one warm-up run."""
     call()
@@ -237,25 +248,28 @@ def benchmark_kernels(
     values.setdefault(graph_input.name, feed[graph_input.name])
     try:
         values.update(_real_values(optimized, list(dict.fromkeys(real)), feed, threads))
-        calls = [
-            _kernel_call(n, k, optimized, weights, values, threads)
-            for n, k in zip(nodes, kernels, strict=True)
-        ]
-        empty = _empty_call(threads)
-    except AutocompError:
-        raise
     except Exception as err:
         raise AutocompError(f"cannot benchmark the model's kernels: {one_line(err)}") from None
     clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-    best = np.full(len(calls), np.inf)
-    overhead = np.inf
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        # One live session at a time: with several threads each session owns a thread pool
+        # whose workers spin after every run, stealing the cores from the next kernel's timing
+        # (at 2 threads a model's kernels summed to 3x the model itself while all were alive).
+        # Passes go over all kernels, so a neighbour's burst of load spoils one pass of each.
+        best = np.full(len(nodes), np.inf)
+        overhead = np.inf
         for _ in range(max(1, timing.passes)):
-            overhead = min(overhead, _time(empty, timing, clock))
-            for i, call in enumerate(calls):
+            overhead = min(
+                overhead, _time(_session_or_error(lambda: _empty_call(threads)), timing, clock)
+            )
+            for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
+                call = _session_or_error(
+                    lambda n=node, k=kernel: _kernel_call(n, k, optimized, weights, values, threads)
+                )
                 best[i] = min(best[i], _time(call, timing, clock))
+                del call
     finally:
         if gc_was_enabled:
             gc.enable()
