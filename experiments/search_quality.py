@@ -94,14 +94,14 @@ def main() -> None:
         for sampler in SAMPLERS:
             row = best[sampler]
             print(f"{sampler:<17}" + "".join(f"{np.median(row[b : b + 5]):>9.4f}" for b in blocks))
-    print("\nagainst random over all seeds (5-seed share: how often the median of 5 seeds drawn")
-    print("with replacement reaches random's, 10^5 draws)")
-    draws = np.random.default_rng(0).integers(args.seeds, size=(2, 100_000, 5))
-    rand = np.median(np.asarray(best["random"])[draws[1]], axis=1)
-    for sampler in SAMPLERS[1:]:
-        p = mannwhitneyu(best[sampler], best["random"], alternative="greater").pvalue
-        share = np.mean(np.median(np.asarray(best[sampler])[draws[0]], axis=1) >= rand)
-        print(f"  {sampler:<10} one-sided Mann-Whitney p {p:.4f}, 5-seed share {share:.0%}")
+        print("\nagainst random over all seeds (5-seed share: how often the median of 5 seeds")
+        print("drawn with replacement reaches random's, 10^5 draws)")
+        draws = np.random.default_rng(0).integers(args.seeds, size=(2, 100_000, 5))
+        rand = np.median(np.asarray(best["random"])[draws[1]], axis=1)
+        for sampler in SAMPLERS[1:]:
+            p = mannwhitneyu(best[sampler], best["random"], alternative="greater").pvalue
+            share = np.mean(np.median(np.asarray(best[sampler])[draws[0]], axis=1) >= rand)
+            print(f"  {sampler:<10} one-sided Mann-Whitney p {p:.4f}, 5-seed share {share:.0%}")
     print(f"\n{evaluate.calls} new direct evaluations, {evaluate.seconds:.0f} s of evaluation")
 
 

@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -35,6 +36,8 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.base import OnnxModel
 from autocomp.hardware.onnx_io import one_line
 from autocomp.latency.kernels import Kernel, optimized_kernels
+
+T = TypeVar("T")
 
 _NUMPY = {
     "float": np.float32,
@@ -180,8 +183,8 @@ def _empty_call(threads: int) -> Callable[[], None]:
     return lambda: session.run_with_iobinding(binding)
 
 
-def _session_or_error(make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
-    """``make()``, with ONNX Runtime's failures as one-line errors."""
+def _or_error(make: Callable[[], T]) -> T:
+    """``make()`` (an ONNX Runtime session's work), its failures as one-line errors."""
     try:
         return make()
     except AutocompError:
@@ -246,10 +249,9 @@ def benchmark_kernels(
     input_type = helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
     feed = {graph_input.name: _random(np.dtype(input_type).name, tuple(input_shape), rng)}
     values.setdefault(graph_input.name, feed[graph_input.name])
-    try:
-        values.update(_real_values(optimized, list(dict.fromkeys(real)), feed, threads))
-    except Exception as err:
-        raise AutocompError(f"cannot benchmark the model's kernels: {one_line(err)}") from None
+    values.update(
+        _or_error(lambda: _real_values(optimized, list(dict.fromkeys(real)), feed, threads))
+    )
     clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -261,11 +263,9 @@ def benchmark_kernels(
         best = np.full(len(nodes), np.inf)
         overhead = np.inf
         for _ in range(max(1, timing.passes)):
-            overhead = min(
-                overhead, _time(_session_or_error(lambda: _empty_call(threads)), timing, clock)
-            )
+            overhead = min(overhead, _time(_or_error(lambda: _empty_call(threads)), timing, clock))
             for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
-                call = _session_or_error(
+                call = _or_error(
                     lambda n=node, k=kernel: _kernel_call(n, k, optimized, weights, values, threads)
                 )
                 best[i] = min(best[i], _time(call, timing, clock))
