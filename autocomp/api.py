@@ -386,8 +386,10 @@ def compress(
 ) -> Result:
     """Compress an existing model to meet ``budget`` on ``device``: search a per-group channel
     keep ratio (``keep_ratios``) and a per-layer bitwidth (``bits``) jointly, finetune the winner
-    with distillation from the original and QAT, export it (QDQ ONNX), verify it on the device and
-    report, in a run folder like ``search``'s (``out``, default ``runs/compress-<name>-<budget>``).
+    with distillation from the original (and QAT where its calibrated int8 layers lose
+    accuracy: :func:`~autocomp.prune.finish.finish`), export it (QDQ ONNX), verify it on the
+    device and report, in a run folder like ``search``'s (``out``, default
+    ``runs/compress-<name>-<budget>``).
 
     ``model`` is ``"timm:NAME"`` (built for the data's classes and channels, ``pretrained=False``;
     ``weights`` is a state_dict file for it) or any ``nn.Module`` with ``example_input`` (one
@@ -584,8 +586,8 @@ def compress(
                 fit_part,
                 bn_batches,
                 epochs=finetune_epochs,
-                # A quarter for QAT (at a tenth of the rate): a pruned network regains its
-                # accuracy in the fp32 recovery epochs, QAT only adapts it to the int8 grid.
+                # Added only where calibrated int8 layers lose accuracy (finish's doc): a pruned
+                # network regains it in fp32 epochs, QAT only adapts it to the int8 grid.
                 qat_epochs=max(1, finetune_epochs // 4),
                 seed=seed,
                 progress=progress,

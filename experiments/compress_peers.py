@@ -6,7 +6,8 @@ here first — the "existing model"), with the latency budget B = ``--budget-sha
 model's measured fp32 latency on the ``cpu`` device:
 
 * autocomp  — ``autocomp compress`` (joint per-group keep ratios + per-layer int8/fp32 search,
-  then ``--epochs`` of finetuning: KD from the original, the last ≤ 2 with QAT).
+  then ``--epochs`` of fp32 finetuning with KD from the original, its int8 layers calibrated,
+  and a quarter as many QAT epochs more only where that calibration loses over 0.5 point).
 * tp-l1     — Torch-Pruning, uniform L1 channel pruning (MetaPruner, every group at one ratio,
   channels rounded to multiples of 8 like autocomp's), fp32; the largest uniform keep ratio
   (0.05 steps) whose export measures ≤ B; a finetuned model that then misses B as measured is

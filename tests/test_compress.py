@@ -17,6 +17,7 @@ from autocomp import api, cli
 from autocomp.data import load
 from autocomp.errors import AutocompError
 from autocomp.finetune import FinetuneConfig, calibrate_quantizers, finetune
+from autocomp.prune import finish as finish_module
 from autocomp.prune.deploy import export_policy, unshare_inputs
 from autocomp.prune.finish import agreement, finish, score
 from autocomp.prune.pruning import ModelPruner
@@ -200,20 +201,31 @@ def test_untraceable_model_falls_back_to_bits_only_naming_the_layer():
         ModelPruner(_Broken(), X32)
 
 
-def test_finishing_trains_a_pruned_network_in_fp32_even_with_one_epoch(trained):
-    """One epoch asked for, QAT wanted for two: the epoch goes to fp32 recovery (QAT alone, at a
-    tenth of the rate and only on int8 layers, left a half-pruned network at ~18%)."""
+@pytest.mark.parametrize("tolerance", [1.0, -1.0])
+def test_finishing_trains_in_fp32_and_adds_qat_only_where_calibration_loses(
+    trained, monkeypatch, tolerance
+):
+    """Every epoch asked for recovers the pruned network in fp32 (QAT alone, at a tenth of the
+    rate, left a half-pruned network at ~18%); its int8 layers are then calibrated, and QAT
+    epochs are added only where that lost more than the tolerance (forced both ways here)."""
     model, _, data = trained
+    monkeypatch.setattr(finish_module, "QAT_TOLERANCE", tolerance)
     space = _space(model)
-    candidate = space.from_values({p.name: 0.5 for p in space.params if p.section == "widths"})
+    candidate = space.from_values(
+        {p.name: 0.5 if p.section == "widths" else 8 for p in space.params}
+    )
     fit = data.validation_split(0.2, seed=0)
     bn_batches = calibration_batches(fit.x_train, seed=0)
     start = score(space, candidate, bn_batches, (fit.x_test, fit.y_test))
     net, report = finish(space, candidate, model, fit, bn_batches, epochs=1, qat_epochs=2)
-    assert [e["phase"] for e in report["fp32"]["history"]] == ["fp32"] and "qat" not in report
-    assert report["fp32"]["start_accuracy"] == pytest.approx(start)
+    assert [e["phase"] for e in report["fp32"]["history"]] == ["fp32"]
     assert report["val_accuracy"] > start + 0.2 and report["val_accuracy"] > 0.5
     assert evaluate(net, (fit.x_test, fit.y_test), 32) == report["val_accuracy"]  # the one returned
+    if tolerance > 0:
+        assert "qat" not in report and report["val_accuracy"] == report["ptq_val_accuracy"]
+    else:
+        assert [e["phase"] for e in report["qat"]["history"]] == ["qat", "qat"]
+        assert report["val_accuracy"] >= report["ptq_val_accuracy"]  # QAT kept only if better
 
 
 def test_int8_layers_compute_as_exported(trained, tmp_path):
