@@ -577,8 +577,12 @@ def compress(
                 progress=progress,
             )
         finetune_epochs = epochs or effort.finetune_epochs
+        finetuned: dict[str, tuple[Any, dict[str, Any]]] = {}
 
         def finetune(candidate, record):
+            key = candidate.key()
+            if key in finetuned:
+                return finetuned[key]
             model, tuned = finish(
                 space_obj,
                 candidate,
@@ -593,6 +597,7 @@ def compress(
                 progress=progress,
             )
             tuned["inherited_val_accuracy"] = record["accuracy"]
+            finetuned[key] = model, tuned
             return model, tuned
 
         def verify(model, candidate):
@@ -612,11 +617,17 @@ def compress(
             verdict["agreement"] = agreement(model, onnx_path, test, r)
             return verdict
 
-        def choose(tried: list[str]):
-            return choice.rechoose(found.trials, lat, budget, tried)
+        def choose(tried: list[str], among: list[dict[str, Any]] = found.trials):
+            return choice.rechoose(among, lat, budget, tried)
 
+        # As in search: scores after a few tuned steps rank policies before the finetune, which
+        # does not lift them alike, so the pick is finetuned beside the widest uniform policies.
+        baselines = seeding.anchor_baselines(space_obj, found.trials)
+        with clock("arbitration"):
+            contenders = choice.contenders(choose, found.trials, baselines, lat, budget)
+            first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
         tuned_model, candidate, rounds = _verify_rounds(
-            found.best_metrics, choose, lat, budget, clock, finetune, verify
+            first or found.best_metrics, choose, lat, budget, clock, finetune, verify
         )
         final = rounds[-1]
         report = _report(
@@ -635,6 +646,7 @@ def compress(
             "quantizable_layers": len(space_obj.layers),
             "original": original,
         }
+        report["arbitration"] = arbitration
         report["notes"] += space_notes
         for i, rnd in enumerate(rounds, 1):
             if len(rnd.get("measurements_ms", [])) > 1:

@@ -25,6 +25,8 @@ from autocomp.prune.quantize import QConv2d, quantizable
 from autocomp.prune.space import PolicySpace
 from autocomp.quant.export import export_onnx
 from autocomp.quant.fake import set_quantization
+from autocomp.search import choice
+from autocomp.search.seeding import anchor_baselines
 from autocomp.spaces import Candidate
 from autocomp.supernet.train import calibration_batches, evaluate, view
 
@@ -228,6 +230,29 @@ def test_finishing_trains_in_fp32_and_adds_qat_only_where_calibration_loses(
         assert report["val_accuracy"] >= report["ptq_val_accuracy"]  # QAT kept only if better
 
 
+def test_arbitration_baselines_are_the_widest_evaluated_uniform_policy_per_precision(trained):
+    model, _, _ = trained
+    space = _space(model)
+
+    def uniform(keep: float, bits: int) -> Candidate:
+        return space.from_values(
+            {p.name: keep if p.section == "widths" else bits for p in space.params}
+        )
+
+    mixed = space.sample(np.random.default_rng(0))
+    rows = [
+        (uniform(0.875, 8), None),  # screened out: over the budget
+        (uniform(0.75, 8), 0.5),
+        (uniform(0.5, 8), 0.6),
+        (uniform(0.625, 32), None),
+        (uniform(0.5, 32), 0.4),
+        (mixed, 0.9),
+    ]
+    trials = [{"accuracy": a, "candidate": c.to_dict()} for c, a in rows]
+    assert anchor_baselines(space, trials) == [uniform(0.75, 8), uniform(0.5, 32)]
+    assert anchor_baselines(space, trials[:1]) == []
+
+
 def test_int8_layers_compute_as_exported(trained, tmp_path):
     """BatchNorm folded, int8 layers fake-quantized with calibrated observers: ONNX Runtime's QDQ
     model predicts the same class as the torch model on (nearly) every test image."""
@@ -371,7 +396,7 @@ def tiny(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
-    model, weights, _ = trained
+    model, weights, data = trained
     original_macs = _macs_by_hooks(model, X32)
     budget = f"{0.6 * original_macs / 1e6:.4f}M MACs,50ms"
     run = tmp_path / "run"
@@ -393,7 +418,18 @@ def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
     candidate = Candidate.from_dict(chosen["candidate"])
     state = torch.load(run / "model.pt", weights_only=True)
     assert Candidate.from_json(state["candidate"]) == candidate
-    assert {"analyse", "latency", "search", "report"} <= set(report["timings_s"])
+    assert {"analyse", "latency", "search", "arbitration", "report"} <= set(report["timings_s"])
+    # The search's picks were finetuned (beside the widest uniform policies that met the budget,
+    # here among them), and the best on validation afterwards was shipped (ties: most MACs).
+    table = report["arbitration"]
+    assert len(table) >= 2
+    n_val = len(data.validation_split(0.2, seed=0).y_test)
+    band = choice.tied_with(max(row["finetuned_val_accuracy"] for row in table), n_val)
+    tied = [row for row in table if row["finetuned_val_accuracy"] >= band]
+    assert max(tied, key=lambda row: row["macs"])["key"] == candidate.key()
+    winner = [row for row in table if row.get("chosen")]
+    assert [row["key"] for row in winner] == [candidate.key()]
+    assert winner[0]["finetuned_val_accuracy"] == chosen["accuracy"]["finetuned_val"]
     # The same folder again is refused without --resume, and nothing changes.
     before = sorted(p.name for p in run.iterdir())
     assert cli.main([*argv, "--budget", "50ms", "--out", str(run)]) == 2

@@ -117,9 +117,11 @@ class PolicyLatency:
         self.calibration_ = rows
         self.scale_ = float(np.median([r["measured_ms"] / r["predicted_ms"] for r in rows]))
 
-    def predict(self, candidates: Sequence[Candidate]) -> np.ndarray:
+    def predict(self, candidates: Sequence[Candidate], *, measured: bool = True) -> np.ndarray:
         """Expected latency (ms) of each candidate, safety factor included: its measurement
-        (``measure``) or the calibrated kernel prediction (``predict``)."""
+        (``measure``) or the calibrated kernel prediction (``predict``). Either is the one
+        estimate of a policy, so ``measured`` (which asks a supernet's latency model for its
+        own estimate rather than a measurement) changes nothing here."""
         if self.mode == "measure":
             raw = [self.measure(c) for c in candidates]
         else:

@@ -124,6 +124,24 @@ def anchor_policies(space: Any) -> list[Candidate]:
     return list(unique.values())
 
 
+def anchor_baselines(space: Any, trials: list[dict[str, Any]]) -> list[Candidate]:
+    """Per precision, the widest uniform policy (:func:`anchor_policies`) that the search
+    evaluated, i.e. that met the budget: the hand-made policies (uniform pruning, in int8 and in
+    fp32) that the choice finetunes beside the search's own pick
+    (:func:`~autocomp.search.choice.arbitrate`)."""
+    evaluated = {
+        Candidate.from_dict(t["candidate"]).key()
+        for t in trials
+        if t["accuracy"] is not None and t["candidate"] is not None
+    }
+    widest: dict[int, Candidate] = {}
+    for anchor in anchor_policies(space):  # widest first
+        bits = next(iter(anchor.bits.values()), 32)
+        if bits not in widest and anchor.key() in evaluated:
+            widest[bits] = anchor
+    return list(widest.values())
+
+
 def seed_study(space: Any, sampler: str, storage: str | None, run_dir: Path) -> None:
     """Create the run's study with :func:`anchor_policies` queued as its first trials, so that
     the search starts from the hand-made policies (infeasible ones are screened out for free)
