@@ -20,10 +20,9 @@ torch / ONNX, and the top-1 agreement of the ONNX model with the torch model on 
     nice -n 5 .venv/bin/python experiments/compress_families.py            # all ten, ~1 hour
     nice -n 5 .venv/bin/python experiments/compress_families.py --only resnet18 densenet121
 
-Results go to runs/compress-families/results.json (one entry per family; a family already there is
-that succeeded is not run again, so an interrupted or failed run continues; ``--rerun`` runs them
+Results go to runs/compress-families/results.json (one entry per family; a family that already
+succeeded there is not run again, so an interrupted or failed run continues; ``--rerun`` runs them
 again too). Base models are cached beside it.
-Base models are cached beside it.
 """
 
 from __future__ import annotations
