@@ -1,19 +1,20 @@
-"""Why uniform fp32 pruning beats autocomp's int8 policies on resnet18 in the peers table.
+"""Uniform resnet18 policies near the peers table's budget through compress's own finish.
 
 Issue 7 asks, where a baseline wins, to say why. ``compress_peers.py`` compares whole methods
-(search + finetune); this isolates the finish. The model and data are the peers table's
+(search + choice + finetune); this isolates the finish. The model and data are the peers table's
 (resnet18 trained on digits_hard at 32×32; its ``base.pt`` is reused, or trained the same way),
-and a few *uniform* policies near the peers' budget (every group at one keep ratio, every layer
-int8 or fp32) go through exactly what ``autocomp compress`` does to its winner — ``finish``
-(``--epochs`` in all: fp32 epochs with distillation from the original, then the QAT quarter for
-int8 layers) — once per seed (the validation split and the finetune change, as in the peers
-table). Each policy is also finished with its int8 layers calibrated after ``--epochs`` fp32
-epochs and no QAT ("ptq"). Printed per policy: its measured latency as deployed (median on the
-``cpu`` device, 1 thread), validation and test accuracy per seed, the test mean; then, per seed,
-the policy validation ranks first against the one the test split ranks first: the search and
-any after-finetune choice see only the former. (The original was trained on seed 0's training
-part; for the other seeds part of the validation split was in its training data, as it is for a
-user's model trained on all its data, and distillation carries that into the students.)
+and a few *uniform* policies (every group at one keep ratio, every layer int8 or fp32) go through
+exactly what ``autocomp compress`` does to its winner — ``finish`` (``--epochs`` fp32 epochs with
+distillation from the original, int8 layers calibrated, QAT epochs added only where that loses
+accuracy) — once per seed (the validation split and the finetune change, as in the peers table).
+Each int8 policy is also finished with ``qat_epochs=0`` ("ptq": never QAT). Printed per policy:
+its measured latency as deployed (median on the ``cpu`` device, 1 thread), validation and test
+accuracy per seed, the test mean; then, per seed, the policy validation ranks first against the
+one the test split ranks first: a choice after the finetune sees only the former. (The original
+was trained on seed 0's training part; for the other seeds part of the validation split was in its
+training data, as it is for a user's model trained on all its data, and distillation carries that
+into the students.) The README's table was run at commit c1fe5fa, whose finish spent a quarter of
+``--epochs`` on QAT whenever a policy had int8 layers; that comparison is why it no longer does.
 
     .venv/bin/python experiments/compress_finish.py      # ~15 minutes on 2 cores
     .venv/bin/python experiments/compress_finish.py --policies 0.625:32 0.75:8 --seeds 0 1 2 3 4
