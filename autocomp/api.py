@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from autocomp.budget import Budget
 from autocomp.errors import AutocompError
@@ -20,6 +20,8 @@ from autocomp.prune import KEEP_RATIOS, TUNE_BATCHES
 
 if TYPE_CHECKING:
     from autocomp.hardware import Measurement
+
+T = TypeVar("T")
 
 
 def measure(
@@ -306,23 +308,12 @@ def search(
                 )
 
             contenders = choice.contenders(choose, found.trials, baselines, latency, budget)
-        finetuned: dict[str, tuple[Any, dict[str, Any]]] = {}
 
+        @_once_per_candidate
         def finetune(candidate, record):
-            key = candidate.key()
-            if key not in finetuned:
-                finetuned[key] = _finetune(
-                    space_obj,
-                    net,
-                    candidate,
-                    fit_part,
-                    bn_batches,
-                    evaluate_fn,
-                    effort,
-                    seed,
-                    progress,
-                )
-            return finetuned[key]
+            return _finetune(
+                space_obj, net, candidate, fit_part, bn_batches, evaluate_fn, effort, seed, progress
+            )
 
         with clock("arbitration"):
             first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
@@ -577,12 +568,9 @@ def compress(
                 progress=progress,
             )
         finetune_epochs = epochs or effort.finetune_epochs
-        finetuned: dict[str, tuple[Any, dict[str, Any]]] = {}
 
+        @_once_per_candidate
         def finetune(candidate, record):
-            key = candidate.key()
-            if key in finetuned:
-                return finetuned[key]
             model, tuned = finish(
                 space_obj,
                 candidate,
@@ -597,7 +585,6 @@ def compress(
                 progress=progress,
             )
             tuned["inherited_val_accuracy"] = record["accuracy"]
-            finetuned[key] = model, tuned
             return model, tuned
 
         def verify(model, candidate):
@@ -963,6 +950,20 @@ def _finetune(space, net, candidate, fit_part, bn_batches, evaluate_fn, effort, 
         progress=progress,
     )
     return student, {"inherited_val_accuracy": inherited, **report.to_dict()}
+
+
+def _once_per_candidate(finetune: Callable[[Any, Any], T]) -> Callable[[Any, Any], T]:
+    """``finetune(candidate, record)`` run once per candidate: the arbitration finetunes the
+    contenders, and verification (with its repair rounds) takes the chosen one's from there."""
+    done: dict[str, T] = {}
+
+    def once(candidate: Any, record: Any) -> T:
+        key = candidate.key()
+        if key not in done:
+            done[key] = finetune(candidate, record)
+        return done[key]
+
+    return once
 
 
 def _export_and_verify(

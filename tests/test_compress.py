@@ -213,14 +213,14 @@ def test_finishing_trains_in_fp32_and_adds_qat_only_where_calibration_loses(
     model, _, data = trained
     monkeypatch.setattr(finish_module, "QAT_TOLERANCE", tolerance)
     space = _space(model)
-    candidate = space.from_values(
-        {p.name: 0.5 if p.section == "widths" else 8 for p in space.params}
-    )
+    half = {p.name: 0.5 for p in space.params if p.section == "widths"}
+    candidate = space.from_values(half | {p.name: 8 for p in space.params if p.section == "bits"})
     fit = data.validation_split(0.2, seed=0)
     bn_batches = calibration_batches(fit.x_train, seed=0)
-    start = score(space, candidate, bn_batches, (fit.x_test, fit.y_test))
+    start = score(space, space.from_values(half), bn_batches, (fit.x_test, fit.y_test))  # fp32
     net, report = finish(space, candidate, model, fit, bn_batches, epochs=1, qat_epochs=2)
     assert [e["phase"] for e in report["fp32"]["history"]] == ["fp32"]
+    assert report["fp32"]["start_accuracy"] == pytest.approx(start)
     assert report["val_accuracy"] > start + 0.2 and report["val_accuracy"] > 0.5
     assert evaluate(net, (fit.x_test, fit.y_test), 32) == report["val_accuracy"]  # the one returned
     if tolerance > 0:

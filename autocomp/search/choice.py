@@ -30,7 +30,7 @@ def _key(row: Trial) -> str:
     return Candidate.from_dict(row["candidate"]).key()
 
 
-def _evaluated(trials: list[Trial], tried: Collection[str] = ()) -> list[Trial]:
+def evaluated(trials: list[Trial], tried: Collection[str] = ()) -> list[Trial]:
     """The trials that were scored (pruned and failed ones were not), less those ``tried``."""
     scored = [t for t in trials if t["accuracy"] is not None and t["candidate"] is not None]
     return [t for t in scored if _key(t) not in tried]
@@ -65,9 +65,7 @@ def measured_choice(
     capacity is what the finetune makes use of.
     """
     exact = replace(budget, latency_ms=None)
-    rows = [
-        t for t in _evaluated(trials, tried) if exact.is_met(**{k: t[k] for k in exact.terms()})
-    ]
+    rows = [t for t in evaluated(trials, tried) if exact.is_met(**{k: t[k] for k in exact.terms()})]
     ranked = sorted(rows, key=lambda t: -t["accuracy"])
     if ranked:
         band = tied_with(ranked[0]["accuracy"], n_val)
@@ -121,7 +119,7 @@ def contenders(
     larger networks that the finetune lifts most); then every baseline among the evaluated
     trials (:func:`~autocomp.search.seeding.search_seeds`; each met the budget when it was
     measured, or by exact terms)."""
-    evaluated = {_key(t): t for t in _evaluated(trials)}
+    by_key = {_key(t): t for t in evaluated(trials)}
     picks: list[Trial] = []
     while len(picks) < CONTENDERS:
         row = choose([_key(r) for r in picks])
@@ -129,7 +127,7 @@ def contenders(
             break
         picks.append(row)
     if budget.latency_ms and picks:
-        rows = list(evaluated.values())
+        rows = list(by_key.values())
         predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
         filling = [
             t for t, ms in zip(rows, predicted, strict=True) if ms >= FILLS * budget.latency_ms
@@ -139,7 +137,7 @@ def contenders(
             picks.append(row)
     chosen = {_key(r) for r in picks}
     for baseline in baselines:
-        row = evaluated.get(baseline.key())
+        row = by_key.get(baseline.key())
         if row is not None and baseline.key() not in chosen:
             estimate = float(latency.predict([baseline], measured=False)[0])
             picks.append(row | {"latency_predicted_ms": estimate, "baseline": True})
@@ -194,7 +192,7 @@ def arbitrate(
 
 def rechoose(trials: list[Trial], latency: Any, budget: Budget, tried: list[str]) -> Trial | None:
     """The most accurate evaluated candidate that meets the budget under the corrected latency."""
-    rows = _evaluated(trials, tried)
+    rows = evaluated(trials, tried)
     if not rows:
         return None
     predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from autocomp.budget import Budget
+from autocomp.search.choice import evaluated
 from autocomp.search.costs import CostModel
 from autocomp.search.storage import open_storage
 from autocomp.spaces.candidate import Candidate
@@ -129,15 +130,11 @@ def anchor_baselines(space: Any, trials: list[dict[str, Any]]) -> list[Candidate
     evaluated, i.e. that met the budget: the hand-made policies (uniform pruning, in int8 and in
     fp32) that the choice finetunes beside the search's own pick
     (:func:`~autocomp.search.choice.arbitrate`)."""
-    evaluated = {
-        Candidate.from_dict(t["candidate"]).key()
-        for t in trials
-        if t["accuracy"] is not None and t["candidate"] is not None
-    }
+    scored = {Candidate.from_dict(t["candidate"]).key() for t in evaluated(trials)}
     widest: dict[int, Candidate] = {}
     for anchor in anchor_policies(space):  # widest first
         bits = next(iter(anchor.bits.values()), 32)
-        if bits not in widest and anchor.key() in evaluated:
+        if bits not in widest and anchor.key() in scored:
             widest[bits] = anchor
     return list(widest.values())
 
