@@ -608,10 +608,23 @@ def compress(
             return choice.rechoose(among, lat, budget, tried)
 
         # As in search: scores after a few tuned steps rank policies before the finetune, which
-        # does not lift them alike, so the pick is finetuned beside the widest uniform policies.
-        baselines = seeding.anchor_baselines(space_obj, found.trials)
+        # does not lift them alike, so the picks are finetuned beside the uniform policies that
+        # just fit, scored as the search scores its trials.
+        with clock("baselines"):
+            baselines = seeding.uniform_baselines(space_obj, budget, lat.measure)
+            known = {_candidate(t).key() for t in choice.evaluated(found.trials)}
+            rows = found.trials + [
+                {
+                    "number": None,  # not a trial of the study: off its keep-ratio grid
+                    "accuracy": evaluate_fn(c),
+                    "candidate": c.to_dict(),
+                    **space_obj.cost(c).to_dict(),
+                }
+                for c in baselines
+                if c.key() not in known
+            ]
         with clock("arbitration"):
-            contenders = choice.contenders(choose, found.trials, baselines, lat, budget)
+            contenders = choice.contenders(choose, rows, baselines, lat, budget)
             first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
         tuned_model, candidate, rounds = _verify_rounds(
             first or found.best_metrics, choose, lat, budget, clock, finetune, verify

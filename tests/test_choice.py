@@ -213,7 +213,7 @@ def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_dec
     assert choice.arbitrate(contenders, finetune, EXACT)[0]["number"] == 5
 
 
-def test_the_widest_fitting_scaling_is_found_by_bisection(monkeypatch):
+def test_the_widest_fitting_scaling_is_found_by_bisection():
     latencies = [3.0, 2.6, 2.2, 1.9, 1.7, 1.4, 1.2, 0.9, 0.7, 0.5, 0.4, 0.3]  # widest first
     measured = []
 
@@ -226,8 +226,7 @@ def test_the_widest_fitting_scaling_is_found_by_bisection(monkeypatch):
     assert measured == [0, 6, 9, 7]  # measuring down the list would have needed 8
     measured.clear()
     assert seeding.widest_fitting(scalings, lambda i: fits(i) or True) == 0 and measured == [0]
-    monkeypatch.setattr(seeding, "SEED_MEASUREMENTS", 3)
-    assert seeding.widest_fitting(scalings, fits) == 9  # out of measurements: the widest seen fit
+    assert seeding.widest_fitting(scalings, fits, calls=3) == 9  # out of calls: the widest that fit
     assert seeding.widest_fitting(scalings, lambda i: False) is None
     assert seeding.widest_fitting([], fits) is None
 

@@ -2,7 +2,9 @@
 policy space's costs are the pruned network's, int8 layers compute as exported, and the command
 runs end to end (or refuses bad input in one line, writing nothing)."""
 
+import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autocomp import api, cli
+from autocomp.budget import Budget
 from autocomp.data import load
 from autocomp.errors import AutocompError
 from autocomp.finetune import FinetuneConfig, calibrate_quantizers, finetune
@@ -26,7 +29,7 @@ from autocomp.prune.space import PolicySpace
 from autocomp.quant.export import export_onnx
 from autocomp.quant.fake import set_quantization
 from autocomp.search import choice
-from autocomp.search.seeding import anchor_baselines
+from autocomp.search.seeding import uniform_baselines, uniform_policies
 from autocomp.spaces import Candidate
 from autocomp.supernet.train import calibration_batches, evaluate, view
 
@@ -230,27 +233,37 @@ def test_finishing_trains_in_fp32_and_adds_qat_only_where_calibration_loses(
         assert report["val_accuracy"] >= report["ptq_val_accuracy"]  # QAT kept only if better
 
 
-def test_arbitration_baselines_are_the_widest_evaluated_uniform_policy_per_precision(trained):
+def test_uniform_baselines_are_the_widest_uniform_policy_that_fits_per_precision(trained):
     model, _, _ = trained
     space = _space(model)
+    grid = uniform_policies(space, 8)
+    channels = [tuple(g.keep(next(iter(c.widths.values()))) for g in space.groups) for c in grid]
+    assert grid[0] == space.largest(bits=8) and len(set(channels)) == len(grid) > 10
+    for wider, narrower in itertools.pairwise(channels):  # widest first, each one narrower
+        assert wider != narrower and all(w >= n for w, n in zip(wider, narrower, strict=True))
+    assert all(len(set(c.widths.values())) == 1 and set(c.bits.values()) == {8} for c in grid)
+    assert min(grid[-1].widths.values()) >= min(space.keep_ratios)
+    off_grid = [c for c in grid if next(iter(c.widths.values())) not in space.keep_ratios]
+    assert off_grid and space.check(off_grid[0]) == off_grid[0]  # finer than the search's grid
 
-    def uniform(keep: float, bits: int) -> Candidate:
-        return space.from_values(
-            {p.name: keep if p.section == "widths" else bits for p in space.params}
-        )
+    def ms(c: Candidate) -> float:  # a device on which int8 halves the time
+        calls.append(c)
+        return space.cost(c).macs / 1e6 * (0.5 if 8 in c.bits.values() else 1.0)
 
-    mixed = space.sample(np.random.default_rng(0))
-    rows = [
-        (uniform(0.875, 8), None),  # screened out: over the budget
-        (uniform(0.75, 8), 0.5),
-        (uniform(0.5, 8), 0.6),
-        (uniform(0.625, 32), None),
-        (uniform(0.5, 32), 0.4),
-        (mixed, 0.9),
-    ]
-    trials = [{"accuracy": a, "candidate": c.to_dict()} for c, a in rows]
-    assert anchor_baselines(space, trials) == [uniform(0.75, 8), uniform(0.5, 32)]
-    assert anchor_baselines(space, trials[:1]) == []
+    calls: list[Candidate] = []
+    limit = 0.4 * ms(space.largest(bits=32))
+    calls.clear()
+    baselines = uniform_baselines(space, Budget(latency_ms=limit), ms)
+    assert len(calls) <= 2 * (len(grid).bit_length() + 1)  # bisection, not a walk down the grid
+    expected = [next(c for c in uniform_policies(space, b) if ms(c) <= limit) for b in (8, 32)]
+    assert baselines == expected and expected[0] != expected[1]
+    calls.clear()
+    by_flops = uniform_baselines(space, Budget(flops=2 * space.cost(expected[1]).macs), ms)
+    assert by_flops == [replace(expected[1], bits=expected[0].bits), expected[1]] and not calls
+    assert uniform_baselines(space, Budget(latency_ms=1e-9), ms) == []
+    too_wide = replace(off_grid[0], widths=dict.fromkeys(off_grid[0].widths, 1.5))
+    with pytest.raises(AutocompError, match="is not a choice"):
+        space.check(too_wide)
 
 
 def test_int8_layers_compute_as_exported(trained, tmp_path):
@@ -418,11 +431,15 @@ def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
     candidate = Candidate.from_dict(chosen["candidate"])
     state = torch.load(run / "model.pt", weights_only=True)
     assert Candidate.from_json(state["candidate"]) == candidate
-    assert {"analyse", "latency", "search", "arbitration", "report"} <= set(report["timings_s"])
-    # The search's picks were finetuned (beside the widest uniform policies that met the budget,
-    # here among them), and the best on validation afterwards was shipped (ties: most MACs).
+    stages = {"analyse", "latency", "search", "baselines", "arbitration", "report"}
+    assert stages <= set(report["timings_s"])
+    # The search's picks were finetuned beside the widest uniform policies that meet the budget
+    # (one per precision offered), and the best on validation afterwards was shipped (ties: most MACs).
     table = report["arbitration"]
-    assert len(table) >= 2
+    baselines = [row for row in table if row["baseline"]]
+    offered = json.loads((run / "config.json").read_text())["bits"]  # [32] where int8 is slower
+    assert len(baselines) == len(offered) and len(table) > len(baselines)
+    assert all(row["macs"] <= 0.6 * original_macs for row in baselines)
     n_val = len(data.validation_split(0.2, seed=0).y_test)
     band = choice.tied_with(max(row["finetuned_val_accuracy"] for row in table), n_val)
     tied = [row for row in table if row["finetuned_val_accuracy"] >= band]

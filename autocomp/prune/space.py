@@ -119,7 +119,8 @@ class PolicySpace:
         return out
 
     def check(self, candidate: Candidate) -> Candidate:
-        """Refuse a candidate of another model or with values outside the space."""
+        """Refuse a candidate of another model, with a keep ratio outside (0, 1] or with bits
+        not offered."""
         if candidate.space != self.name:
             raise AutocompError(f"candidate belongs to {candidate.space!r}, not {self.name!r}")
         if set(candidate.widths) != {g.name for g in self.groups}:
@@ -127,7 +128,11 @@ class PolicySpace:
         if set(candidate.bits) != set(self.layers):
             raise AutocompError(f"candidate of {self.name!r}: its layers differ from the space's")
         for name, value in self.values(candidate).items():
-            if value not in self._params_by_name[name].choices:
+            param = self._params_by_name[name]
+            # Any keep ratio the pruner realises is a policy (the uniform baselines are found on
+            # a finer grid than the search's); bits only those offered.
+            ok = 0 < value <= 1 if param.section == "widths" else value in param.choices
+            if not ok:
                 raise AutocompError(f"candidate of {self.name!r}: {name}={value!r} is not a choice")
         return candidate
 
