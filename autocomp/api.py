@@ -611,7 +611,12 @@ def compress(
         # does not lift them alike, so the picks are finetuned beside the uniform policies that
         # just fit, scored as the search scores its trials.
         with clock("baselines"):
-            baselines = seeding.uniform_baselines(space_obj, budget, lat.measure)
+            baselines = seeding.uniform_baselines(
+                space_obj,
+                budget,
+                lat.measure,
+                confirm=lambda c: dev.measure(lat.onnx(c), lat.shape).median_ms,
+            )
             known = {_candidate(t).key() for t in choice.evaluated(found.trials)}
             rows = found.trials + [
                 {

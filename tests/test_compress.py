@@ -257,6 +257,19 @@ def test_uniform_baselines_are_the_widest_uniform_policy_that_fits_per_precision
     assert len(calls) <= 2 * (len(grid).bit_length() + 1)  # bisection, not a walk down the grid
     expected = [next(c for c in uniform_policies(space, b) if ms(c) <= limit) for b in (8, 32)]
     assert baselines == expected and expected[0] != expected[1]
+
+    # A policy found by the short timing that misses when confirmed gives way to the next
+    # narrower one; none is kept after 3 misses.
+    def slower(c: Candidate) -> float:
+        confirmations.append(c)
+        return 2 * limit if c in expected else ms(c)
+
+    confirmations: list[Candidate] = []
+    confirmed = uniform_baselines(space, Budget(latency_ms=limit), ms, slower)
+    narrower = [uniform_policies(space, b) for b in (8, 32)]
+    assert confirmed == [g[g.index(c) + 1] for g, c in zip(narrower, expected, strict=True)]
+    assert len(confirmations) == 4
+    assert uniform_baselines(space, Budget(latency_ms=limit), ms, lambda c: 2 * limit) == []
     calls.clear()
     by_flops = uniform_baselines(space, Budget(flops=2 * space.cost(expected[1]).macs), ms)
     assert by_flops == [replace(expected[1], bits=expected[0].bits), expected[1]] and not calls
@@ -434,7 +447,8 @@ def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
     stages = {"analyse", "latency", "search", "baselines", "arbitration", "report"}
     assert stages <= set(report["timings_s"])
     # The search's picks were finetuned beside the widest uniform policies that meet the budget
-    # (one per precision offered), and the best on validation afterwards was shipped (ties: most MACs).
+    # (one per precision offered), and the best on validation afterwards was shipped (ties: most
+    # MACs).
     table = report["arbitration"]
     baselines = [row for row in table if row["baseline"]]
     offered = json.loads((run / "config.json").read_text())["bits"]  # [32] where int8 is slower
