@@ -473,6 +473,7 @@ def compress(
                 bn_batches[0][:8],
                 mode=latency,
                 predictor=_kernel_predictor(dev, progress) if latency == "predict" else None,
+                verifier=dev,
             )
         # An unachievable budget is bad input: refused before anything is written.
         rng = np.random.default_rng(seed)
@@ -604,19 +605,19 @@ def compress(
             verdict["agreement"] = agreement(model, onnx_path, test, r)
             return verdict
 
+        shortlist: list[dict[str, Any]] = []  # the picks measured as verification measures
+
         def choose(tried: list[str], among: list[dict[str, Any]] = found.trials):
-            return choice.rechoose(among, lat, budget, tried)
+            n_val = len(val_split[1])
+            return choice.measured_choice(
+                among, lat, budget, tried, shortlist, n_val, measure=lat.verify
+            )
 
         # As in search: scores after a few tuned steps rank policies before the finetune, which
         # does not lift them alike, so the picks are finetuned beside the uniform policies that
         # just fit, scored as the search scores its trials.
         with clock("baselines"):
-            baselines = seeding.uniform_baselines(
-                space_obj,
-                budget,
-                lat.measure,
-                confirm=lambda c: dev.measure(lat.onnx(c), lat.shape).median_ms,
-            )
+            baselines = seeding.uniform_baselines(space_obj, budget, lat.measure, lat.verify)
             known = {_candidate(t).key() for t in choice.evaluated(found.trials)}
             rows = found.trials + [
                 {
@@ -651,6 +652,7 @@ def compress(
             "quantizable_layers": len(space_obj.layers),
             "original": original,
         }
+        report["shortlist"] = shortlist
         report["arbitration"] = arbitration
         report["notes"] += space_notes
         for i, rnd in enumerate(rounds, 1):

@@ -5,6 +5,7 @@ runs end to end (or refuses bad input in one line, writing nothing)."""
 import itertools
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -411,6 +412,39 @@ def test_predicted_latency_is_calibrated_on_measurements(trained):
     lat.correct(middle, 2 * before)  # measured slower than expected: never expect less again
     assert float(lat.predict([middle])[0]) == pytest.approx(2 * before)
     assert lat.summary()["calibration_within_10_pct"] is not None
+
+
+class _Clock:
+    """A device on which every policy measures ``ms``; counts its measurements."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.calls = ms, 0
+
+    def measure(self, model, shape):
+        self.calls += 1
+        return SimpleNamespace(median_ms=self.ms)
+
+
+def test_verification_timings_are_kept_apart_from_screening_and_read_back(trained, tmp_path):
+    from autocomp.prune.latency import PolicyLatency
+
+    model, _, data = trained
+    space = _space(model)
+    probe = torch.as_tensor(data.x_train[:8])
+    screen, full = _Clock(1.0), _Clock(1.2)
+    lat = PolicyLatency(space, screen, probe, verifier=full)
+    lat.attach(tmp_path / "latency.jsonl")
+    policy = space.largest()
+    assert (lat.measure(policy), lat.verify(policy), lat.verify(policy)) == (1.0, 1.2, 1.2)
+    assert (screen.calls, full.calls) == (1, 1)  # each timing once per policy
+    assert lat.predict([policy])[0] == 1.0  # the screening estimate, until corrected
+    lat.correct(policy, lat.verify(policy))
+    assert lat.predict([policy])[0] == pytest.approx(1.2)
+    assert lat.summary()["verified"] == 1
+    resumed = PolicyLatency(space, _Clock(9.0), probe, verifier=_Clock(9.0))
+    resumed.attach(tmp_path / "latency.jsonl")
+    assert (resumed.measure(policy), resumed.verify(policy)) == (1.0, 1.2)  # not measured again
+    assert PolicyLatency(space, screen, probe).verifier is screen
 
 
 @pytest.fixture

@@ -46,7 +46,13 @@ def screening(budget: Budget, slack: float) -> Budget:
 
 
 def measured_choice(
-    trials: list[Trial], latency: Any, budget: Budget, tried: list[str], log: list, n_val: int
+    trials: list[Trial],
+    latency: Any,
+    budget: Budget,
+    tried: list[str],
+    log: list,
+    n_val: int,
+    measure: Callable[[Candidate], float] | None = None,
 ) -> Trial | None:
     """The most accurate evaluated candidate that meets the budget *as measured on the device*
     (``None`` if there is none).
@@ -56,7 +62,8 @@ def measured_choice(
     candidates whose exact terms meet the budget are measured (``SHORTLIST`` at most, export +
     fastest of two medians each) and the first that meets it wins; each measurement also
     corrects the latency model. If none does, the corrected model chooses among the rest. Every
-    measurement is appended to ``log``.
+    measurement is appended to ``log``. ``measure`` times a candidate as verification will
+    (default ``latency.measure``).
 
     "Most accurate" is read with the validation split's noise in mind (``n_val`` images): the
     candidates within one standard error of the best score are tied, and among them the one with
@@ -83,7 +90,7 @@ def measured_choice(
                 break
             fresh += 1
             estimate = float(latency.predict([candidate], measured=False)[0])
-            ms = latency.measure(candidate)
+            ms = (measure or latency.measure)(candidate)
             latency.correct(candidate, ms)
             logged[key] = {
                 "number": row["number"],
