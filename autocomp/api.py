@@ -388,8 +388,11 @@ def compress(
     dependency graph and are ranked by ``importance`` (``l1``, ``taylor``, ``fpgm``); a model it
     cannot trace is searched over bits only (the report says why). Policies are scored after
     BatchNorm recalibration (+ ``tune_batches`` SGD steps); their latency is ``measure``d on the
-    device or ``predict``ed by the calibrated kernel predictor. A model that misses the budget as
-    measured is replaced (at most ``REPAIR_ROUNDS`` rounds), as in ``search``.
+    device or ``predict``ed by the calibrated kernel predictor. As in ``search``, the best
+    policies that meet the budget as verification times them are finetuned beside the widest
+    uniform policy per precision that does (:func:`~autocomp.search.seeding.uniform_baselines`),
+    the most accurate on validation afterwards is shipped, and a model that misses the budget as
+    measured is replaced (at most ``REPAIR_ROUNDS`` rounds).
     """
     import numpy as np
     import torch
