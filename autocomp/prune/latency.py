@@ -92,22 +92,19 @@ class PolicyLatency:
     # ------------------------------------------------------------------------------ truth
     def measure(self, candidate: Candidate) -> float:
         """Median latency (ms) of the deployed candidate on the device (cached per policy)."""
-        key = candidate.key()
-        if key not in self.measured_:
-            ms = float(self.device.measure(self.onnx(candidate), self.shape).median_ms)
-            self.measured_[key] = ms
-            self._append({"id": key, "kind": "measured", "ms": ms})
-        return self.measured_[key]
+        return self._timed(candidate, self.device, self.measured_, "measured")
 
     def verify(self, candidate: Candidate) -> float:
         """Median latency (ms) of the deployed candidate timed as a verification times it
         (``verifier``; cached per policy): what a choice that must meet the budget relies on."""
+        return self._timed(candidate, self.verifier, self.verified_, "verified")
+
+    def _timed(self, candidate: Candidate, device: Device, table: dict, kind: str) -> float:
         key = candidate.key()
-        if key not in self.verified_:
-            ms = float(self.verifier.measure(self.onnx(candidate), self.shape).median_ms)
-            self.verified_[key] = ms
-            self._append({"id": key, "kind": "verified", "ms": ms})
-        return self.verified_[key]
+        if key not in table:
+            table[key] = float(device.measure(self.onnx(candidate), self.shape).median_ms)
+            self._append({"id": key, "kind": kind, "ms": table[key]})
+        return table[key]
 
     def kernel(self, candidate: Candidate) -> float:
         """The kernel predictor's raw latency (ms) of the deployed candidate (cached)."""

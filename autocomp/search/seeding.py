@@ -167,11 +167,10 @@ def uniform_baselines(
     exact = replace(budget, latency_ms=None)
     baselines = []
     for bits in space.bit_choices:
-        grid = [
-            c
-            for c in uniform_policies(space, bits)
-            if exact.is_met(**{k: space.cost(c).to_dict()[k] for k in exact.terms()})
-        ]
+        grid = uniform_policies(space, bits)
+        if exact.terms():  # costing builds each pruned network: only where a term needs it
+            mask = CostModel(space, exact).feasible_mask(grid)
+            grid = [c for c, ok in zip(grid, mask, strict=True) if ok]
         if budget.latency_ms is None:
             baselines += grid[:1]
             continue
