@@ -228,8 +228,7 @@ def search(
             dataset = data_specs.load(data)
             space_obj = space_for(space, dataset)
             run_dir = _run_dir(out, space_obj.name, budget, resume)
-            if supernet is not None and not Path(supernet).is_file():
-                raise AutocompError(f"supernet checkpoint not found: {supernet}")
+            given = None if supernet is None else _given_supernet(Path(supernet), space_obj, seed)
         torch.manual_seed(seed)
         fit_part = dataset.validation_split(0.2, seed=seed)  # the search never sees the test split
         bn_batches = calibration_batches(fit_part.x_train, seed=seed)
@@ -268,7 +267,7 @@ def search(
         }
         _write_json(run_dir / "config.json", config)
         with clock("supernet"):
-            net = _supernet(space_obj, fit_part, effort, seed, run_dir, supernet, progress)
+            net = _supernet(space_obj, fit_part, effort, seed, run_dir, given, progress)
 
         def evaluate_fn(candidate):
             return evaluate_subnet(net, candidate, bn_batches, val_split)
@@ -393,6 +392,9 @@ def compress(
     uniform policy per precision that does (:func:`~autocomp.search.seeding.uniform_baselines`),
     the most accurate on validation afterwards is shipped, and a model that misses the budget as
     measured is replaced (at most ``REPAIR_ROUNDS`` rounds).
+
+    Selection uses ``data``'s validation split ``validation_split(0.2)``, the same whatever
+    ``seed``: train ``model`` on that split's ``x_train`` so that it has not seen those images.
     """
     import numpy as np
     import torch
@@ -445,7 +447,10 @@ def compress(
                         "trials; resume it (--resume) or choose another run folder"
                     )
         torch.manual_seed(seed)
-        fit_part = dataset.validation_split(0.2, seed=seed)  # the search never sees the test split
+        # The validation split does not move with ``seed``: the model was trained before, and on
+        # images it has seen, selection rewards what it memorised (keeping it near the original),
+        # not what generalises; one fixed split can be held out when training it.
+        fit_part = dataset.validation_split(0.2)  # the search never sees the test split
         bn_batches = calibration_batches(fit_part.x_train, seed=seed)
         val_split = (fit_part.x_test, fit_part.y_test)
         channels = dataset.input_shape[0]
@@ -896,15 +901,32 @@ def supernet_config(effort: Effort, seed: int) -> Any:
     )
 
 
-def _supernet(space, fit_part, effort: Effort, seed: int, run_dir: Path, given, progress: bool):
-    """Train the supernet (resuming the run folder's checkpoint), or load ``given``."""
+def _given_supernet(path: Path, space, seed: int) -> dict[str, Any]:
+    """The checkpoint ``--supernet`` names, refused unless trained for this space and ``seed``:
+    a supernet of another seed was trained on another fit split, which holds images of this
+    run's validation split, and scoring on images it was trained on favours memorisation."""
+    from autocomp.supernet.train import load_checkpoint
 
-    from autocomp.supernet.train import load_checkpoint, train_supernet
+    if not path.is_file():
+        raise AutocompError(f"supernet checkpoint not found: {path}")
+    state = load_checkpoint(path, space=space)
+    trained = state["config"].get("seed")
+    if trained != seed:
+        raise AutocompError(
+            f"supernet checkpoint {path} was trained with seed {trained}, whose training images "
+            f"include seed {seed}'s validation split; search with --seed {trained}"
+        )
+    return state
+
+
+def _supernet(space, fit_part, effort: Effort, seed: int, run_dir: Path, given, progress: bool):
+    """Train the supernet (resuming the run folder's checkpoint), or take ``given``'s weights."""
+
+    from autocomp.supernet.train import train_supernet
 
     net = space.supernet()
     if given is not None:
-        state = load_checkpoint(Path(given), space=space)
-        net.load_state_dict(state["model"])
+        net.load_state_dict(given["model"])
         return net
     config = supernet_config(effort, seed)
     train_supernet(

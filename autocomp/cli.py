@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--supernet",
         default=None,
-        help="use this trained supernet checkpoint instead of training one. "
-        "Example: --supernet runs/mbv3-5ms/supernet.pt",
+        help="use this trained supernet checkpoint instead of training one (trained on the same "
+        "data and --seed). Example: --supernet runs/mbv3-5ms/supernet.pt",
     )
     p.add_argument(
         "--storage",
@@ -527,7 +527,13 @@ def _add_compress_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the run in --out (or the latest default folder): reuses its Optuna study "
         "and latency measurements. Example: --resume",
     )
-    p.add_argument("--seed", type=int, default=0, help="one seed for everything. Example: --seed 1")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the search and the finetune; the validation split is the same whatever "
+        "the seed, so a model trained without it is judged on unseen images. Example: --seed 1",
+    )
     p.add_argument(
         "--sampler",
         choices=("tpe", "nsga2", "random"),

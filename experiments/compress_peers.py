@@ -18,14 +18,14 @@ model's measured fp32 latency on the ``cpu`` device:
   (replaced alike on a miss).
 
 Every method gets the same finetune epochs (``--epochs``) with the same recipe (KD from the
-original, selected on a validation split carved from the training data) and is scored on the
-test split with ONNX Runtime; each final model is measured on the device with the same timing
-and protocol (the fastest of ≤ 3 medians). The comparison is at equal budget: only methods whose
-final model measured ≤ B are compared, and the table ends with the winner per model and its
-margin over the next best. Every method runs once per seed (``--seeds``, default 0 1 2: the
-validation split, the search and the finetune change; the trained model and B do not), since one
-seed's test accuracies of near-equal models differ by 1-2 points; the mean decides. B derives
-from the fastest of 3 medians of the original, since one slowed measurement would loosen it.
+original, selected on the validation split carved from the training data that the original was not
+trained on) and is scored on the test split with ONNX Runtime; each final model is measured on the
+device with the same timing and protocol (the fastest of ≤ 3 medians). The comparison is at equal
+budget: only methods whose final model measured ≤ B are compared, and the table ends with the winner
+per model and its margin over the next best. Every method runs once per seed (``--seeds``, default 0
+1 2: the search and the finetune change; the trained model, its validation split and B do not),
+since one seed's test accuracies of near-equal models differ by 1-2 points; the mean decides. B
+derives from the fastest of 3 medians of the original, since one slowed measurement would loosen it.
 
     nice -n 5 .venv/bin/python experiments/compress_peers.py   # both models, 3 seeds, ~1.5 h
 
@@ -147,7 +147,7 @@ def tune(model, teacher, fit, epochs: int, r: int, seed: int) -> dict:
 def run_baseline(method: str, name: str, weights: Path, budget: float, args) -> dict:
     r = args.resolution
     data = load(DATA)
-    fit = data.validation_split(0.2, seed=args.seed)
+    fit = data.validation_split(0.2)  # as compress's: the images the original was not trained on
     calib = calibration_batches(fit.x_train, seed=args.seed)
     teacher = trained(name, data, weights)
     quick_dev = hardware.get_device("cpu", timing=hardware.SCREEN_TIMING)

@@ -18,7 +18,7 @@ from torch import nn
 
 from autocomp import api, cli
 from autocomp.budget import Budget
-from autocomp.data import load
+from autocomp.data import ImageDataset, load
 from autocomp.errors import AutocompError
 from autocomp.finetune import FinetuneConfig, calibrate_quantizers, finetune
 from autocomp.prune import finish as finish_module
@@ -503,15 +503,25 @@ def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_model_the_pruner_cannot_follow_is_searched_over_bits_only(tiny, tmp_path):
+def test_model_the_pruner_cannot_follow_is_searched_over_bits_only(tiny, tmp_path, monkeypatch):
+    carve, splits = ImageDataset.validation_split, []
+    monkeypatch.setattr(
+        ImageDataset,
+        "validation_split",
+        lambda *a, **k: splits.append(carve(*a, **k)) or splits[-1],
+    )
     result = api.compress(
         _Branchy(),
         "digits",
         "1M MACs,50ms",
         example_input=torch.zeros(1, 1, 16, 16),
         out=tmp_path / "run",
+        seed=3,
         progress=False,
     )
+    # Whatever the seed, selection uses the one validation split a model can be trained without.
+    held_out = carve(load("digits"), 0.2)
+    assert splits and all(np.array_equal(s.x_test, held_out.x_test) for s in splits)
     report = json.loads((result.run_dir / "report.json").read_text())
     assert result.meets_budget and report["chosen"]["macs"] <= 1_000_000
     assert "layer 'b' never ran while tracing" in report["compress"]["unsupported"]

@@ -69,6 +69,13 @@ def test_search_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["search", "--budget", "50ms", "--space", str(tiny), "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
+    # Its supernet is refused to a search of another seed, whose validation images it trained on.
+    other = tmp_path / "other"
+    argv = ["search", "--budget", "50ms", "--space", str(tiny), "--out", str(other), "--seed", "1"]
+    assert cli.main([*argv, "--supernet", str(run / "supernet.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with seed 0" in err and "--seed 0" in err
+    assert not other.exists()
 
 
 @pytest.mark.slow
