@@ -36,6 +36,7 @@ method; finished ones are kept, so an interrupted run continues) and the table p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -59,11 +60,12 @@ from compress_families import fp32_latency, run_compress, train_base, trained  #
 from autocomp import api, hardware  # noqa: E402
 from autocomp.data import load  # noqa: E402
 from autocomp.finetune import finetune  # noqa: E402
+from autocomp.prune import finish as finish_module  # noqa: E402
 from autocomp.prune.finish import recovery_config  # noqa: E402
 from autocomp.prune.pruning import output_layers  # noqa: E402
 from autocomp.prune.quantize import quantizable  # noqa: E402
 from autocomp.quant.export import export_onnx, onnx_accuracy  # noqa: E402
-from autocomp.supernet.train import calibration_batches  # noqa: E402
+from autocomp.supernet.train import calibration_batches, evaluate, view  # noqa: E402
 
 DATA = "npz:experiments/data/digits_hard.npz"
 MODELS = ["resnet18", "mobilenetv3_large_100"]
@@ -201,7 +203,8 @@ def _finish_baseline(teacher, keep, int8, fit, calib, folder, budget, args) -> d
 
 def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
     run = args.out / name / f"autocomp-seed{args.seed}"
-    result, report = run_compress(name, DATA, weights, budget, run, args)
+    with _contenders_scored(load(DATA)) as contenders:
+        result, report = run_compress(name, DATA, weights, budget, run, args)
     chosen = report["chosen"]
     widths = chosen["candidate"]["widths"]
     return {
@@ -217,7 +220,42 @@ def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
         "layers": len(chosen["candidate"]["bits"]),
         "rounds": len(report["rounds"]),
         "timings_s": report["timings_s"],
+        "contenders": contenders,
     }
+
+
+@contextlib.contextmanager
+def _contenders_scored(data):
+    """For the analysis only (compress never sees it): every network compress finetunes, with
+    its accuracy on the test split and its cross-entropy on the validation split, so that other
+    rules of choice among them can be compared afterwards."""
+    scored: list[dict] = []
+    real = finish_module.finish
+
+    def finish(space, candidate, teacher, fit_part, bn_batches, **options):
+        model, tuned = real(space, candidate, teacher, fit_part, bn_batches, **options)
+        r = candidate.resolution
+        with torch.no_grad():
+            x, y = (torch.as_tensor(a) for a in (fit_part.x_test, fit_part.y_test))
+            was = model.training
+            loss = torch.nn.functional.cross_entropy(model.eval()(view(x, r)), y).item()
+            model.train(was)
+        scored.append(
+            {
+                "key": candidate.key(),
+                "val_accuracy": tuned["val_accuracy"],
+                "val_loss": loss,
+                "test_accuracy": evaluate(model, (data.x_test, data.y_test), r),
+                "int8_layers": sum(b == 8 for b in candidate.bits.values()),
+            }
+        )
+        return model, tuned
+
+    finish_module.finish = finish
+    try:
+        yield scored
+    finally:
+        finish_module.finish = real
 
 
 def main() -> None:
