@@ -639,7 +639,9 @@ def compress(
             ]
         with clock("arbitration"):
             contenders = choice.contenders(choose, rows, baselines, lat, budget)
-            first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
+            first, arbitration = choice.arbitrate(
+                contenders, finetune, len(val_split[1]), prefer="loss"
+            )
         tuned_model, candidate, rounds = _verify_rounds(
             first or found.best_metrics, choose, lat, budget, clock, finetune, verify
         )

@@ -29,6 +29,9 @@ derives from the fastest of 3 medians of the original, since one slowed measurem
 
     nice -n 5 .venv/bin/python experiments/compress_peers.py   # both models, 3 seeds, ~1.5 h
 
+How much the policy can matter at all: ``--sweep 0.5 0.6 0.7 0.8 0.9 1`` prints instead the test
+accuracy of uniform L1 pruning at those keep ratios, finetuned alike, per seed.
+
 Results: runs/compress-peers/results.json (``--out`` names another folder; per model, seed and
 method; finished ones are kept, so an interrupted run continues) and the table printed at the end.
 """
@@ -224,6 +227,26 @@ def run_autocomp(name: str, weights: Path, budget: float, args) -> dict:
     }
 
 
+def sweep(name: str, weights: Path, args) -> None:
+    """Uniform L1 pruning at each keep ratio of ``args.sweep``, finetuned as every method is:
+    where test accuracy hardly moves with the keep ratio, no policy can beat another by much and
+    the peers table measures finetune noise."""
+    data = load(DATA)
+    fit = data.validation_split(0.2)
+    teacher = trained(name, data, weights)
+    print(f"{'model':<22} {'seed':>4} {'keep':>5} {'params':>9} {'val':>6} {'test':>6}")
+    with api._torch_threads(1):
+        for seed, keep in itertools.product(args.seeds, args.sweep):
+            model = uniform_prune(teacher, keep, args.resolution)
+            torch.manual_seed(seed)
+            val = tune(model, teacher, fit, args.epochs, args.resolution, seed)["val_accuracy"]
+            test = evaluate(model, (data.x_test, data.y_test), args.resolution)
+            params = sum(p.numel() for p in model.parameters())
+            print(
+                f"{name:<22} {seed:>4} {keep:5.2f} {params:9d} {val:6.2%} {test:6.2%}", flush=True
+            )
+
+
 @contextlib.contextmanager
 def _contenders_scored(data):
     """For the analysis only (compress never sees it): every network compress finetunes, with
@@ -270,6 +293,14 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of every method per seed"
     )
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="+",
+        metavar="KEEP",
+        help="instead: test accuracy of uniform L1 pruning at these keep ratios, finetuned as the "
+        "methods are (how much the policy can matter at all), per seed",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="results folder")
     args = parser.parse_args()
     if not (ROOT / "experiments" / "data" / "digits_hard.npz").is_file():
@@ -287,6 +318,9 @@ def main() -> None:
                 entry.pop("original_fp32_ms", None)
             if "original_fp32_ms" not in entry:
                 entry["original_fp32_ms"] = fp32_latency(name, DATA, weights, args.resolution)
+        if args.sweep:
+            sweep(name, weights, args)
+            continue
         entry["budget_ms"] = args.budget_share * entry["original_fp32_ms"]
         for seed, method in itertools.product(args.seeds, args.methods):
             args.seed = seed  # what the runs read
@@ -310,7 +344,8 @@ def main() -> None:
             runs[method] = row
             path.write_text(json.dumps(results, indent=2, default=str))
             print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str))
-    _table(results)
+    if not args.sweep:
+        _table(results)
 
 
 def _table(results: dict) -> None:

@@ -211,6 +211,23 @@ def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_dec
         row["macs"] = macs
     assert choice.arbitrate(contenders, finetune, 100)[0]["number"] == 2
     assert choice.arbitrate(contenders, finetune, EXACT)[0]["number"] == 5
+    # compress reads the tie by validation cross-entropy instead: the surer of the tied two.
+    loss = {a.key(): 0.1, c.key(): 0.5, d.key(): 0.2, base.key(): 0.4}
+
+    def finetune(candidate, record):
+        key = candidate.key()
+        return None, {"val_accuracy": after[key], "val_loss": loss[key]}
+
+    chosen, table = choice.arbitrate(contenders, finetune, 100, prefer="loss")
+    assert chosen["number"] == 5 and [r["finetuned_val_loss"] for r in table] == [
+        0.1,
+        0.5,
+        0.2,
+        0.4,
+    ]
+    loss[c.key()] = 0.3
+    assert choice.arbitrate(contenders, finetune, 100, prefer="loss")[0]["number"] == 2
+    assert choice.arbitrate(contenders, finetune, EXACT, prefer="loss")[0]["number"] == 5
 
 
 def test_the_widest_fitting_scaling_is_found_by_bisection():

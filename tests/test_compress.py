@@ -227,6 +227,9 @@ def test_finishing_trains_in_fp32_and_adds_qat_only_where_calibration_loses(
     assert report["fp32"]["start_accuracy"] == pytest.approx(start)
     assert report["val_accuracy"] > start + 0.2 and report["val_accuracy"] > 0.5
     assert evaluate(net, (fit.x_test, fit.y_test), 32) == report["val_accuracy"]  # the one returned
+    logits = net(view(torch.as_tensor(fit.x_test), 32)).detach()
+    expected = -logits.log_softmax(1)[torch.arange(len(fit.y_test)), fit.y_test].mean()
+    assert report["val_loss"] == pytest.approx(float(expected), rel=1e-5)  # compress's tie-break
     if tolerance > 0:
         assert "qat" not in report and report["val_accuracy"] == report["ptq_val_accuracy"]
     else:
@@ -481,17 +484,17 @@ def test_compress_end_to_end(trained, tiny, tmp_path, capsys):
     stages = {"analyse", "latency", "search", "baselines", "arbitration", "report"}
     assert stages <= set(report["timings_s"])
     # The search's picks were finetuned beside the widest uniform policies that meet the budget
-    # (one per precision offered), and the best on validation afterwards was shipped (ties: most
-    # MACs).
+    # (one per precision offered), and the best on validation afterwards was shipped (ties: the
+    # lowest validation cross-entropy).
     table = report["arbitration"]
     baselines = [row for row in table if row["baseline"]]
     offered = json.loads((run / "config.json").read_text())["bits"]  # [32] where int8 is slower
     assert len(baselines) == len(offered) and len(table) > len(baselines)
     assert all(row["macs"] <= 0.6 * original_macs for row in baselines)
-    n_val = len(data.validation_split(0.2, seed=0).y_test)
+    n_val = len(data.validation_split(0.2).y_test)
     band = choice.tied_with(max(row["finetuned_val_accuracy"] for row in table), n_val)
     tied = [row for row in table if row["finetuned_val_accuracy"] >= band]
-    assert max(tied, key=lambda row: row["macs"])["key"] == candidate.key()
+    assert min(tied, key=lambda row: row["finetuned_val_loss"])["key"] == candidate.key()
     winner = [row for row in table if row.get("chosen")]
     assert [row["key"] for row in winner] == [candidate.key()]
     assert winner[0]["finetuned_val_accuracy"] == chosen["accuracy"]["finetuned_val"]

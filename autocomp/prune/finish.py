@@ -30,7 +30,7 @@ from autocomp.finetune import FinetuneConfig, calibrate_quantizers, finetune
 from autocomp.quant.fake import QuantLayer, set_quantization
 from autocomp.spaces.candidate import Candidate
 from autocomp.supernet.bn import recalibrate_bn
-from autocomp.supernet.train import distill_loss, evaluate, view
+from autocomp.supernet.train import cross_entropy, distill_loss, evaluate, view
 
 Split = tuple[np.ndarray | Tensor, np.ndarray | Tensor]
 
@@ -171,6 +171,7 @@ def finish(
             if done.val_accuracy < report["ptq_val_accuracy"]:
                 net.load_state_dict(calibrated)
     report["val_accuracy"] = evaluate(net, val, r)
+    report["val_loss"] = cross_entropy(net, val, r)
     return net.eval(), report
 
 

@@ -471,7 +471,6 @@ def _restore(
 # ------------------------------------------------------------------------------- evaluation
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     split: tuple[np.ndarray | Tensor, np.ndarray | Tensor],
@@ -479,14 +478,23 @@ def evaluate(
     batch_size: int = 128,
 ) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``split = (images, labels)`` at ``resolution``."""
-    x, y = (torch.as_tensor(a) for a in split)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        correct += int((model(view(xb, resolution)).argmax(1) == yb).sum())
-    model.train(was_training)
-    return correct / len(y)
+    images, labels = split
+    hits = _logits(model, images, resolution, batch_size).argmax(1) == torch.as_tensor(labels)
+    return int(hits.sum()) / len(labels)
+
+
+def cross_entropy(
+    model: nn.Module,
+    split: tuple[np.ndarray | Tensor, np.ndarray | Tensor],
+    resolution: int,
+    batch_size: int = 128,
+) -> float:
+    """Mean cross-entropy of ``model`` (eval mode) on ``split``: unlike top-1 accuracy it counts
+    how sure every prediction is, so it still tells apart models whose accuracies tie on a few
+    hundred images."""
+    images, labels = split
+    logits = _logits(model, images, resolution, batch_size)
+    return float(F.cross_entropy(logits, torch.as_tensor(labels).long()))
 
 
 def calibration_batches(
