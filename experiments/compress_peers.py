@@ -68,7 +68,7 @@ from autocomp.prune.finish import recovery_config  # noqa: E402
 from autocomp.prune.pruning import output_layers  # noqa: E402
 from autocomp.prune.quantize import quantizable  # noqa: E402
 from autocomp.quant.export import export_onnx, onnx_accuracy  # noqa: E402
-from autocomp.supernet.train import calibration_batches, evaluate, view  # noqa: E402
+from autocomp.supernet.train import calibration_batches, evaluate  # noqa: E402
 
 DATA = "npz:experiments/data/digits_hard.npz"
 MODELS = ["resnet18", "mobilenetv3_large_100"]
@@ -250,24 +250,19 @@ def sweep(name: str, weights: Path, args) -> None:
 @contextlib.contextmanager
 def _contenders_scored(data):
     """For the analysis only (compress never sees it): every network compress finetunes, with
-    its accuracy on the test split and its cross-entropy on the validation split, so that other
-    rules of choice among them can be compared afterwards."""
+    its accuracy on the test split beside its validation scores, so that other rules of choice
+    among them can be compared afterwards."""
     scored: list[dict] = []
     real = finish_module.finish
 
     def finish(space, candidate, teacher, fit_part, bn_batches, **options):
         model, tuned = real(space, candidate, teacher, fit_part, bn_batches, **options)
         r = candidate.resolution
-        with torch.no_grad():
-            x, y = (torch.as_tensor(a) for a in (fit_part.x_test, fit_part.y_test))
-            was = model.training
-            loss = torch.nn.functional.cross_entropy(model.eval()(view(x, r)), y).item()
-            model.train(was)
         scored.append(
             {
                 "key": candidate.key(),
                 "val_accuracy": tuned["val_accuracy"],
-                "val_loss": loss,
+                "val_loss": tuned["val_loss"],
                 "test_accuracy": evaluate(model, (data.x_test, data.y_test), r),
                 "int8_layers": sum(b == 8 for b in candidate.bits.values()),
             }

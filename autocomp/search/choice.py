@@ -157,6 +157,14 @@ def tied_with(best: float, n_val: int) -> float:
     return best - math.sqrt(best * (1 - best) / max(n_val, 1))
 
 
+#: How :func:`arbitrate` reads a tie (lower goes first): the most MACs, or the lowest validation
+#: cross-entropy after the finetune.
+TIE_BREAKS: dict[str, Callable[[dict[str, Any]], float]] = {
+    "macs": lambda row: -(row["macs"] or 0),
+    "loss": lambda row: row["finetuned_val_loss"],
+}
+
+
 def arbitrate(
     contenders: list[Trial],
     finetune: Callable[[Candidate, Trial], tuple[Any, dict[str, Any]]],
@@ -204,10 +212,7 @@ def arbitrate(
         return None, table
     band = tied_with(max(row["finetuned_val_accuracy"] for row in table), n_val)
     tied = [i for i, row in enumerate(table) if row["finetuned_val_accuracy"] >= band]
-    if prefer == "loss":
-        best = min(tied, key=lambda i: (table[i]["finetuned_val_loss"], i))
-    else:
-        best = max(tied, key=lambda i: (table[i]["macs"] or 0, -i))
+    best = min(tied, key=lambda i: (TIE_BREAKS[prefer](table[i]), i))
     table[best]["chosen"] = True
     return contenders[best], table
 
