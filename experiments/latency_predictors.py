@@ -29,7 +29,7 @@ against single sessions, with the load average of each pass, so the effect of th
 on every number is visible.
 
 Every measurement is appended to a resumable JSONL file under --out, so an interrupted run
-continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v3``
+continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v4``
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def row(label: str, m: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--out", default="runs/latency-bench-v3", help="folder for datasets and results"
+        "--out", default="runs/latency-bench-v4", help="folder for datasets and results"
     )
     ap.add_argument("--train", default=None, help="training dataset (default: the shipped one)")
     ap.add_argument("--heldout", type=int, default=40, help="held-out generated models")

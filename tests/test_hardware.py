@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ from autocomp import cli, hardware
 from autocomp.errors import AutocompError
 from autocomp.hardware import Timing, get_device, load_onnx, static_input_shape
 from autocomp.hardware.ort_device import OrtDevice, node_times
-from autocomp.hardware.timing import BLOCK, steady, summarize, time_runs
+from autocomp.hardware.timing import BLOCK, cpu_model, steady, summarize, time_runs
 from autocomp.hardware.torch_device import NO_CUDA, TorchDevice
 
 #: Quick but still honest timing for tests: 30 samples of one session after a short warm-up.
@@ -127,6 +128,23 @@ def test_profile_key_is_stable_and_filesystem_safe():
     assert re.fullmatch(r"[A-Za-z0-9_.+-]+", a.profile)
     assert get_device("cpu", threads=3).info.profile != a.profile
     assert hardware.DeviceInfo.from_dict(a.to_dict()) == a
+
+
+def test_cpus_that_share_a_name_get_different_profiles():
+    def x86(model: str) -> str:
+        block = (
+            f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: {model}\n"
+        )
+        block += "model name\t: AMD EPYC\nstepping\t: 1\n"
+        return "\n".join(block.format(i) for i in range(2))
+
+    assert cpu_model(x86("2")) == "AMD EPYC (family 26, model 2, stepping 1)"
+    info = get_device("cpu").info
+    profiles = {replace(info, processor=cpu_model(x86(m))).profile for m in ("1", "2")}
+    assert len(profiles) == 2
+    # ARM kernels name the board after the processors' blocks and report no family.
+    arm = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08\n\nModel\t\t: Raspberry Pi 4\n"
+    assert cpu_model(arm) == "Raspberry Pi 4"
 
 
 def test_profile_gives_node_times_of_executed_nodes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import zipfile
@@ -401,10 +402,23 @@ def test_transfer_to_another_batch_refits_on_both_measurement_sets(dataset):
     models = kernel_inputs(records)[0]
     np.testing.assert_allclose(pooled.predict(models), expected.predict(models))
     assert not np.allclose(pooled.predict(models), prior.predict(models))
-    # Another thread count is corrected, not pooled: kernel features cannot tell it apart.
-    threads2 = on(replace(INFO, threads=2), 1.5)
+    # Another thread count is pooled too, each kernel row carrying its model's threads ...
+    two = replace(INFO, threads=2)
+    threads2 = on(two, 0.5)
+    pooled2 = adapt(prior, threads2, records)
+    assert pooled2.device.profile == two.profile
+    expected2 = KernelPredictor(n_estimators=50, min_samples=5, device=two).fit(
+        *kernel_inputs([*records, *threads2]), threads=[1] * len(records) + [2] * 3
+    )
+    np.testing.assert_allclose(pooled2.predict(models), expected2.predict(models))
+    # ... so the same kernels are predicted faster on 2 threads than on 1 by the one fit.
+    one = copy.deepcopy(pooled2)
+    one.device = INFO
+    assert np.median(pooled2.predict_kernels(models[0]) / one.predict_kernels(models[0])) < 0.8
+    # Another CPU is corrected, not pooled: kernel features cannot tell it apart.
+    elsewhere = on(replace(INFO, processor="Other CPU"), 1.5)
     np.testing.assert_array_equal(
-        adapt(prior, threads2, records).predict(models), adapt(prior, threads2).predict(models)
+        adapt(prior, elsewhere, records).predict(models), adapt(prior, elsewhere).predict(models)
     )
 
 

@@ -156,13 +156,28 @@ def summarize(*sessions: list[float]) -> tuple[float, float, float]:
     return median, float(min(p10, median)), float(max(p90, median))
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's marketing name, with its family, model and stepping where the kernel reports
+    them (from ``cpuinfo``, the text of ``/proc/cpuinfo``, read when not given), or what
+    ``platform`` knows elsewhere.
+
+    The name alone does not identify a CPU: cloud VMs report bare names (two hosts of this
+    project both said "AMD EPYC", and one ran the same models twice as fast as the other), and
+    a latency predictor must never serve a CPU it was not measured on.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    name = next((fields[k] for k in ("model name", "Model", "Hardware") if fields.get(k)), "")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown"
+    if all(fields.get(k) for k in ("cpu family", "model", "stepping")):
+        name += f" (family {fields['cpu family']}, model {fields['model']}, "
+        name += f"stepping {fields['stepping']})"
+    return name

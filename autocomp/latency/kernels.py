@@ -113,6 +113,10 @@ FEATURE_NAMES = (
     "macs_per_byte",
 )
 DEPTHWISE = FEATURE_NAMES.index("depthwise")
+#: Columns of :func:`feature_matrix` that describe the device profile the kernel runs under, not
+#: the kernel: the same kernel takes different times on different intra-op thread counts, so
+#: measurements of several thread counts can train one regressor (``transfer``).
+PROFILE_NAMES = ("threads",)
 #: Model-level columns appended by :func:`feature_matrix`.
 CONTEXT_NAMES = ("model_log_weight_bytes", "model_log_activation_bytes", "model_kernels")
 _WEIGHT_BYTES = FEATURE_NAMES.index("bytes_weight")
@@ -332,16 +336,17 @@ def features(k: Kernel) -> np.ndarray:
     return np.asarray(row, dtype=np.float64)
 
 
-def feature_matrix(kernels: Sequence[Kernel]) -> np.ndarray:
-    """Rows of :func:`features` for the kernels of *one model*, with the model's context.
+def feature_matrix(kernels: Sequence[Kernel], threads: int = 1) -> np.ndarray:
+    """Rows of :func:`features` for the kernels of *one model*, run with ``threads`` intra-op
+    threads (:data:`PROFILE_NAMES`), with the model's context.
 
     The context columns (:data:`CONTEXT_NAMES`: the model's total weight and activation bytes,
     its kernel count) tell a kernel whether its weights and inputs are still in cache from the
     previous run: the same layer is several times faster inside a small model than a large one.
     """
     if not kernels:
-        return np.zeros((0, len(FEATURE_NAMES) + len(CONTEXT_NAMES)))
+        return np.zeros((0, len(FEATURE_NAMES) + len(PROFILE_NAMES) + len(CONTEXT_NAMES)))
     X = np.stack([features(k) for k in kernels])
     weights, acts = X[:, _WEIGHT_BYTES].sum(), (X[:, _IN_BYTES] + X[:, _OUT_BYTES]).sum()
-    context = [math.log2(weights + 1), math.log2(acts + 1), len(kernels)]
+    context = [float(threads), math.log2(weights + 1), math.log2(acts + 1), len(kernels)]
     return np.hstack([X, np.tile(context, (len(kernels), 1))])

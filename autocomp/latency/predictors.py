@@ -38,13 +38,14 @@ from autocomp.hardware.base import DeviceInfo, OnnxModel
 from autocomp.latency.forest import Forest
 from autocomp.latency.kernels import (
     FEATURE_NAMES,
+    PROFILE_NAMES,
     Kernel,
     extract_kernels,
     feature_matrix,
 )
 
 FORMAT = "autocomp-latency-predictor"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: the kernel regressors see the thread count
 FALLBACK = "*"  # the regressor for kernel types seen too rarely (or never) in training
 _MACS = FEATURE_NAMES.index("macs")
 _INT8_IN = FEATURE_NAMES.index("int8_in")
@@ -66,9 +67,10 @@ _WEIGHT_BYTES, _IN_BYTES, _OUT_BYTES = (
 #: of weights and of activations streamed, on top of its kernels' own times.
 OVERHEAD_INPUTS = ("kernel_sum_ms", "kernels", "weight_mb", "activation_mb", "constant")
 _ELEMS = [FEATURE_NAMES.index(n) for n in ("elems_in", "elems_out", "weight_elems")]
-#: Columns of :func:`feature_matrix` the per-kernel regressors see (not the model context: a
-#: kernel's own time does not depend on its neighbours; how they interact is the per-model part).
-_KERNEL_COLUMNS = len(FEATURE_NAMES)
+#: Columns of :func:`feature_matrix` the per-kernel regressors see: the kernel and the profile it
+#: runs under, not the model context (a kernel's own time does not depend on its neighbours; how
+#: they interact is the per-model part).
+_KERNEL_COLUMNS = len(FEATURE_NAMES) + len(PROFILE_NAMES)
 
 
 class _Predictor(ABC):
@@ -268,18 +270,29 @@ class KernelPredictor(_Predictor):
             "random_state": self.random_state,
         }
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of the profile it predicts (1 without a device)."""
+        return self.device.threads if self.device is not None else 1
+
     def fit(
         self,
         models: Sequence[Sequence[Kernel]],
         y: Sequence[float],
         kernel_times: Sequence[Mapping[str, float]],
+        threads: Sequence[int] | None = None,
     ) -> KernelPredictor:
-        """Fit per-kernel-type regressors on node times, then the per-model overhead on ``y``."""
-        if not (len(models) == len(y) == len(kernel_times)) or not models:
+        """Fit per-kernel-type regressors on node times, then the per-model overhead on ``y``.
+
+        ``threads``: each model's intra-op thread count when they were measured under several
+        (pooled measurements, ``transfer``); by default all ran on this predictor's profile."""
+        if threads is None:
+            threads = [self.threads] * len(models)
+        if not (len(models) == len(y) == len(kernel_times) == len(threads)) or not models:
             raise AutocompError("fit needs as many kernel lists, latencies and node-time maps")
         y = np.asarray(y, dtype=np.float64)
         kernel_times = timed_kernels(models, y, kernel_times, self.normalize)
-        matrices = [feature_matrix(ks) for ks in models]
+        matrices = [feature_matrix(ks, t) for ks, t in zip(models, threads, strict=True)]
         kernels, times, rows = [], [], []
         for ks, nt, X in zip(models, kernel_times, matrices, strict=True):
             timed = [i for i, k in enumerate(ks) if k.name in nt]
@@ -303,7 +316,7 @@ class KernelPredictor(_Predictor):
             if not rows.any():
                 rows = np.ones(len(t), dtype=bool)
             self.models_[key] = self._fit_type(X[rows], t[rows])
-        self.feature_names_ = list(FEATURE_NAMES)
+        self.feature_names_ = [*FEATURE_NAMES, *PROFILE_NAMES]
         self.correction_: dict[str, np.ndarray] = {}
         kept = np.asarray([bool(nt) for nt in kernel_times])
         A = overhead_inputs(matrices, [sum(nt.values()) for nt in kernel_times])
@@ -343,8 +356,12 @@ class KernelPredictor(_Predictor):
         base = np.asarray([float(np.median(rate))])
         if len(t) < 2 * self.min_samples // 3:
             return base, None
+        # A profile column that never varies here carries nothing, and left out it cannot move
+        # the trees (scikit-learn visits every column in a random order, constant ones too).
+        varies = np.ptp(X[:, len(FEATURE_NAMES) : _KERNEL_COLUMNS], axis=0) > 0
+        columns = len(FEATURE_NAMES) + (np.flatnonzero(varies).max(initial=-1) + 1)
         forest = Forest.fit(
-            X[:, :_KERNEL_COLUMNS],
+            X[:, :columns],
             rate,
             n_estimators=self.n_estimators,
             max_depth=self.max_depth,
@@ -356,7 +373,11 @@ class KernelPredictor(_Predictor):
     def predict_kernels(self, kernels: Sequence[Kernel], corrected: bool = True) -> np.ndarray:
         """Predicted time (ms) of each kernel of *one model* (``corrected=False``: before any
         transfer)."""
-        return self._kernel_times(kernels, feature_matrix(list(kernels)), corrected)
+        return self._kernel_times(kernels, self.matrix(kernels), corrected)
+
+    def matrix(self, kernels: Sequence[Kernel]) -> np.ndarray:
+        """:func:`feature_matrix` of one model's kernels on this predictor's profile."""
+        return feature_matrix(list(kernels), self.threads)
 
     def _kernel_times(
         self, kernels: Sequence[Kernel], X: np.ndarray, corrected: bool = True
@@ -381,7 +402,7 @@ class KernelPredictor(_Predictor):
 
     def predict(self, models: Sequence[Sequence[Kernel]]) -> np.ndarray:
         """Predicted latency (ms) of each model given as its kernel list."""
-        matrices = [feature_matrix(ks) for ks in models]
+        matrices = [self.matrix(ks) for ks in models]
         per_kernel = [self._kernel_times(ks, X) for ks, X in zip(models, matrices, strict=True)]
         return self._per_model(matrices, per_kernel)
 
@@ -391,7 +412,7 @@ class KernelPredictor(_Predictor):
         """Latency (ms) of each model from its kernels' times (ms, in kernel order): the
         per-model part alone. Fed micro-benchmarked times, it tells how much of a prediction's
         error is the kernels' and how much the model's (experiments/latency_predictors.py)."""
-        matrices = [feature_matrix(ks) for ks in models]
+        matrices = [self.matrix(ks) for ks in models]
         return self._per_model(matrices, [np.asarray(pk, dtype=np.float64) for pk in per_kernel])
 
     def _per_model(
@@ -425,6 +446,8 @@ class KernelPredictor(_Predictor):
         self.models_ = {}
         for i, entry in enumerate(state["types"]):
             forest = Forest.from_arrays(arrays, f"t{i}_") if entry["forest"] else None
+            if forest is not None and forest.feature.max(initial=0) >= _KERNEL_COLUMNS:
+                raise ValueError(f"trees of {entry['key']!r} read a column that does not exist")
             coef = np.asarray(arrays[f"t{i}_coef"], dtype=np.float64)
             if coef.shape != (1,):
                 raise ValueError(f"base rate of {entry['key']!r} has shape {coef.shape}")

@@ -9,36 +9,35 @@ correction are refitted on the new measurements (the correction shrunk toward th
 Without profiled node times (a device that cannot profile), one scale factor on whole-model
 latencies is fitted instead.
 
-When the new profile differs from the prior's only in the batch, which every kernel's features
-carry, and the prior's own measurements are at hand (the shipped predictor ships them), the
-predictor is instead refitted on both sets pooled: the kernel regressors then learn the batch's
-effect from the new kernels, within the shapes the prior's data span. At batch 4 here the batch-1
-per-model part, fed micro-benchmarked kernel times, put all 30 held-out models within ±10%; what
-missed was the kernel regressors' extrapolation to batch 4, which a per-type line corrects only
-in part. Pooled, 90.0% of them come within ±10% (MAPE 4.9%), where the correction put 80.0%
-(MAPE 5.5%) and the prior as is 83.3% (experiments/latency_predictors.py). Across other profiles
-(threads, CPU) the same kernel features would mean two different times, so those are corrected as
-above.
+When the new profile differs from the prior's only in what the kernel features carry (the batch,
+and the intra-op thread count, a profile column of :func:`~autocomp.latency.kernels.feature_matrix`)
+and the prior's own measurements are at hand (the shipped predictor ships them), the predictor is
+instead refitted on both sets pooled: the kernel regressors then learn the batch's or the threads'
+effect from the new kernels, within the shapes the prior's data span. A per-type line corrects
+such a size-dependent effect only in part: to 2 threads, from the same 30 measurements, pooling
+put 70.0% of 30 held-out models within ±10% (MAPE 8.3%) and the correction 50.0% (MAPE 10.7%)
+(experiments/latency_predictors.py, 2026-11-25). Across other CPUs or runtimes the same kernel
+features would mean two different times, so those are corrected as above.
 
 Thirty models can also mislead a correction: where the prior already fits the new profile, the
 correction fits the measurements' noise. So the correction is kept only if it predicts the
 measured models better than the prior does under cross-validation
 (:func:`~autocomp.latency.metrics.out_of_fold`); otherwise the prior serves the new profile as it
-is. The check only sees the measured models: at batch 4 the correction (before pooling)
-cross-validated better (mean |log error| 0.036 against the prior's 0.042) and was kept, yet on
-held-out models it put fewer within ±10% than the prior as is (figures above).
+is. The check only sees the measured models: at batch 4 on an earlier host the correction
+(before pooling) cross-validated better (mean |log error| 0.036 against the prior's 0.042) and was
+kept, yet put fewer held-out models within ±10% than the prior as is (80.0% against 83.3%).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autocomp.latency.dataset import kernel_inputs, profiled
-from autocomp.latency.kernels import feature_matrix
 from autocomp.latency.metrics import out_of_fold
 from autocomp.latency.predictors import (
     FALLBACK,
@@ -83,9 +82,10 @@ def adapt(
     from autocomp.hardware.base import DeviceInfo
 
     device = DeviceInfo.from_dict(records[0]["device"])
-    if prior_records and _batch_only(prior, device, records, prior_records):
+    if prior_records and _poolable(prior, device, records, prior_records):
+        pool = [*prior_records, *records]
         pooled = KernelPredictor(**prior._params(), device=device)
-        return pooled.fit(*kernel_inputs([*prior_records, *records]))
+        return pooled.fit(*kernel_inputs(pool), threads=[_threads(r) for r in pool])
     models, y, _ = kernel_inputs(records)
     if len(records) > 1:
         held_out = out_of_fold(
@@ -101,19 +101,23 @@ def adapt(
     return _corrected(prior, records)
 
 
-def _batch_only(
+def _poolable(
     prior: KernelPredictor,
     device: DeviceInfo,
     records: Sequence[dict[str, Any]],
     prior_records: Sequence[dict[str, Any]],
 ) -> bool:
-    """Whether ``records`` differ from the prior's measurements in the batch alone, timed alike
-    (micro-benchmarks or profiles)."""
-    return (
-        prior.device is not None
-        and device.with_batch(prior.device.batch).profile == prior.device.profile
-        and profiled(records) == profiled(prior_records)
-    )
+    """Whether ``records`` differ from the prior's measurements only in what the kernel features
+    carry (batch, threads), timed alike (micro-benchmarks or profiles)."""
+    if prior.device is None:
+        return False
+    same = replace(device, batch=prior.device.batch, threads=prior.device.threads)
+    return same.profile == prior.device.profile and profiled(records) == profiled(prior_records)
+
+
+def _threads(record: dict[str, Any]) -> int:
+    """Intra-op threads a dataset record was measured with."""
+    return int(record["device"]["threads"])
 
 
 def _log_error(predicted: np.ndarray, y: np.ndarray) -> float:
@@ -127,10 +131,11 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
 
     models, y, raw_times = kernel_inputs(records)
     times = timed_kernels(models, y, raw_times, profiled(records))
-    matrices = [feature_matrix(ks) for ks in models]
     adapted = copy.deepcopy(prior)
     adapted.correction_ = {}
     adapted.device = DeviceInfo.from_dict(records[0]["device"])
+    # What the prior's regressors say on the new profile is what the correction corrects.
+    matrices = [adapted.matrix(ks) for ks in models]
     kernels = [k for ks, nt in zip(models, times, strict=True) for k in ks if k.name in nt]
     if not kernels:  # no profile: one scale factor on whole-model latency
         scale = float(np.median(np.log(y / prior.predict(models))))
