@@ -348,5 +348,5 @@ def feature_matrix(kernels: Sequence[Kernel], threads: int = 1) -> np.ndarray:
         return np.zeros((0, len(FEATURE_NAMES) + len(PROFILE_NAMES) + len(CONTEXT_NAMES)))
     X = np.stack([features(k) for k in kernels])
     weights, acts = X[:, _WEIGHT_BYTES].sum(), (X[:, _IN_BYTES] + X[:, _OUT_BYTES]).sum()
-    context = [float(threads), math.log2(weights + 1), math.log2(acts + 1), len(kernels)]
-    return np.hstack([X, np.tile(context, (len(kernels), 1))])
+    per_model = [float(threads), math.log2(weights + 1), math.log2(acts + 1), len(kernels)]
+    return np.hstack([X, np.tile(per_model, (len(kernels), 1))])
