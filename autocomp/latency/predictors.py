@@ -289,7 +289,9 @@ class KernelPredictor(_Predictor):
         if threads is None:
             threads = [self.threads] * len(models)
         if not (len(models) == len(y) == len(kernel_times) == len(threads)) or not models:
-            raise AutocompError("fit needs as many kernel lists, latencies and node-time maps")
+            raise AutocompError(
+                "fit needs as many kernel lists, latencies, node-time maps and thread counts"
+            )
         y = np.asarray(y, dtype=np.float64)
         kernel_times = timed_kernels(models, y, kernel_times, self.normalize)
         matrices = [feature_matrix(ks, t) for ks, t in zip(models, threads, strict=True)]
