@@ -59,7 +59,13 @@ from autocomp.latency.dataset import (
     read_records,
 )
 from autocomp.latency.fit import arch_inputs
-from autocomp.latency.kernels import FEATURE_NAMES, Kernel, extract_kernels, feature_matrix
+from autocomp.latency.kernels import (
+    FEATURE_NAMES,
+    Kernel,
+    extract_kernels,
+    feature_matrix,
+    join_times,
+)
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import benchmark_kernels
 from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
@@ -169,18 +175,26 @@ class HeldOut:
     ) -> list[np.ndarray]:
         """Each model's micro-benchmarked kernel times (ms, in kernel order; ``records`` and
         ``models`` as :meth:`records` and ``kernel_inputs`` give them), benchmarking the models
-        not yet in ``<name>.micro.jsonl``."""
+        not yet in ``<name>.micro.jsonl`` (or there without the benchmark's run order, which
+        joins its node names to the record's: ``join_times``)."""
         path = self.models_path.with_suffix(".micro.jsonl")
         lines = path.read_text().splitlines() if path.is_file() else []
-        done = {r["id"]: r["kernel_times_ms"] for r in map(json.loads, filter(None, lines))}
+        done = {r["id"]: r for r in map(json.loads, filter(None, lines)) if "ran" in r}
         out = []
         for r, kernels in zip(records, models, strict=True):
             if r["id"] not in done:
                 model = onnx.load(str(self.folder / f"{r['id']}.onnx"))
-                _, times = benchmark_kernels(model, tuple(r["input_shape"]), threads=threads)
-                append_record(path, {"id": r["id"], "kernel_times_ms": times})
-                done[r["id"]] = times
-            out.append(np.asarray([done[r["id"]].get(k.name, 0.0) for k in kernels]))
+                ran, times = benchmark_kernels(model, tuple(r["input_shape"]), threads=threads)
+                line = {
+                    "id": r["id"],
+                    "kernel_times_ms": times,
+                    "ran": [[k.name, k.op] for k in ran],
+                }
+                append_record(path, line)
+                done[r["id"]] = line
+            micro = done[r["id"]]
+            times = join_times(kernels, [tuple(x) for x in micro["ran"]], micro["kernel_times_ms"])
+            out.append(np.asarray([times.get(k.name, 0.0) for k in kernels]))
         return out
 
     def pass_loads(self) -> list[float]:

@@ -27,6 +27,7 @@ from autocomp.latency.kernels import (
     Tensor,
     extract_kernels,
     feature_matrix,
+    join_times,
 )
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import BenchTiming, benchmark_kernels
@@ -149,6 +150,24 @@ def test_kernel_names_match_the_real_ort_profile():
     kernels = extract_kernels(s.onnx_model, s.input_shape)
     assert [k.name for k in kernels] and {k.name for k in kernels} == set(m.node_times_ms)
     assert {k.name: k.op for k in kernels} == m.node_ops
+    assert list(m.node_ops.values()) == [k.op for k in kernels]  # in run order (join_times)
+
+
+def test_times_of_another_session_join_by_run_order():
+    """ORT can swap the names of the nodes it inserts between two sessions of one model (two
+    NCHWc reorders of different sizes): times must follow what ran, not the names."""
+
+    def kernel(name: str, op: str, size: int) -> Kernel:
+        return Kernel(name, op, "", (Tensor("float", (1, size)),), (Tensor("float", (1, size)),))
+
+    kernels = [kernel("conv", "Conv", 8), kernel("ro", "ReorderOutput", 8)]
+    kernels.append(kernel("ro_token_1", "ReorderOutput", 800))
+    ran = [("conv", "Conv"), ("ro_token_1", "ReorderOutput"), ("ro", "ReorderOutput")]
+    times = {"conv": 1.0, "ro_token_1": 0.01, "ro": 0.5}
+    assert join_times(kernels, ran, times) == {"conv": 1.0, "ro": 0.01, "ro_token_1": 0.5}
+    # Another sequence of ops (another build optimised the graph differently): by name.
+    other = [("conv", "Conv"), ("ro", "ReorderOutput")]
+    assert join_times(kernels, other, {"conv": 1.0, "ro": 0.5}) == {"conv": 1.0, "ro": 0.5}
 
 
 QUICK = Timing(warmup_runs=1, warmup_s=0, min_runs=3, min_s=0)

@@ -167,7 +167,8 @@ class OrtDevice:
 
 
 def node_times(events: Any, *, skip_runs: int = 0) -> tuple[dict[str, float], dict[str, str]]:
-    """Per-node median time (ms) over runs, and each node's op type, from an ORT trace.
+    """Per-node median time (ms) over runs, and each node's op type, from an ORT trace, both
+    in the order the nodes ran (:func:`~autocomp.latency.kernels.join_times` relies on it).
 
     A node's time in one run is the sum of its kernel events inside that run's ``model_run``
     window (a node inside a loop runs several times); the first ``skip_runs`` runs are dropped.
@@ -192,6 +193,7 @@ def node_times(events: Any, *, skip_runs: int = 0) -> tuple[dict[str, float], di
             op = args.get("op_name") if isinstance(args, dict) else None
             kernels.append((ts, dur, name.removesuffix("_kernel_time"), str(op or "?")))
     runs.sort()
+    kernels.sort()  # run order: the returned maps list nodes in the order they first ran
     starts = [start for start, _ in runs]
     per_run: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     ops: dict[str, str] = {}

@@ -32,7 +32,7 @@ from autocomp.hardware import Timing, load_onnx, static_input_shape
 from autocomp.hardware.base import Device, OnnxModel
 from autocomp.hardware.ort_device import OrtDevice
 from autocomp.latency.generator import generate, sample_id
-from autocomp.latency.kernels import Kernel, extract_kernels
+from autocomp.latency.kernels import Kernel, extract_kernels, join_times
 from autocomp.latency.microbench import benchmark_kernels
 
 RECORD_VERSION = 2
@@ -130,7 +130,8 @@ def make_record(
             again = device.measure(model, input_shape, profile=True)
             m = again if again.median_ms < m.median_ms else m
         kernels = extract_kernels(model, input_shape)
-        record["node_times_ms"] = m.node_times_ms
+        ran = list((m.node_ops or {}).items())
+        record["node_times_ms"] = join_times(kernels, ran, m.node_times_ms or {})
     record.update(
         {
             "input_shape": list(input_shape),

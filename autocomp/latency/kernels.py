@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,24 @@ class Kernel:
             outputs=tuple(Tensor(str(d), tuple(int(x) for x in s)) for d, s in data["outputs"]),
             attrs=dict(data.get("attrs", {})),
         )
+
+
+def join_times(
+    kernels: Sequence[Kernel], ran: Sequence[tuple[str, str]], times: Mapping[str, float]
+) -> dict[str, float]:
+    """``times`` (by the runtime's node name, from another session of the same model) keyed by
+    the names of ``kernels``; ``ran`` lists that session's nodes as (name, op) in run order.
+
+    ONNX Runtime names the nodes its optimizers insert from counters whose assignment varies
+    between sessions, even in one process: two extractions of one model can swap the names of
+    two NCHWc ``ReorderOutput`` nodes of different sizes, and a join by name then gives each the
+    other's time. Where both sessions ran the same sequence of ops, times join by position;
+    otherwise (another build or CPU optimised the graph differently) by name.
+    """
+    if [op for _, op in ran] == [k.op for k in kernels]:
+        pairs = zip((k.name for k in kernels), (name for name, _ in ran), strict=True)
+        return {mine: times[theirs] for mine, theirs in pairs if theirs in times}
+    return dict(times)
 
 
 def _tensors(entries: Any) -> tuple[Tensor, ...]:
