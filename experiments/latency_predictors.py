@@ -29,7 +29,7 @@ against single sessions, with the load average of each pass, so the effect of th
 on every number is visible.
 
 Every measurement is appended to a resumable JSONL file under --out, so an interrupted run
-continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v4``
+continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v5``
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import benchmark_kernels
 from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
 from autocomp.latency.store import DATA_FILE, builtin_dir, default_predictor_path
-from autocomp.latency.transfer import adapt
+from autocomp.latency.transfer import adapt, pooled_fit
 from autocomp.quant.qdq import name_nodes, quantizable_nodes, quantize_nodes
 
 TIMM_MODELS = (
@@ -260,7 +260,7 @@ def row(label: str, m: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--out", default="runs/latency-bench-v4", help="folder for datasets and results"
+        "--out", default="runs/latency-bench-v5", help="folder for datasets and results"
     )
     ap.add_argument("--train", default=None, help="training dataset (default: the shipped one)")
     ap.add_argument("--heldout", type=int, default=40, help="held-out generated models")
@@ -283,7 +283,7 @@ def main() -> None:
     train_path = (
         Path(args.train)
         if args.train
-        else builtin_dir() / Path(default_predictor_path()).parent.name / DATA_FILE
+        else builtin_dir() / Path(default_predictor_path(dev.info)).parent.name / DATA_FILE
     )
     train = read_records(train_path)
     t_fit = time.time()
@@ -420,6 +420,9 @@ def main() -> None:
                 "transfer's kernel times, the prior's per-model part": prior_model_part(
                     adapted, kp
                 ).predict(models_t),
+                "pooled fit, its per-model part not refitted": pooled_fit(kp, fit, train).predict(
+                    models_t
+                ),
                 "kernel predictor fit on the 30 only": only30.fit(*kernel_inputs(fit)).predict(
                     models_t
                 ),

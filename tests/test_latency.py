@@ -419,7 +419,8 @@ def test_transfer_to_another_batch_refits_on_both_measurement_sets(dataset):
         *kernel_inputs([*records, *batch2])
     )
     models = kernel_inputs(records)[0]
-    np.testing.assert_allclose(pooled.predict(models), expected.predict(models))
+    for ks in models:  # the kernel regressors are those of one fit on both sets
+        np.testing.assert_allclose(pooled.predict_kernels(ks), expected.predict_kernels(ks))
     assert not np.allclose(pooled.predict(models), prior.predict(models))
     # Another thread count is pooled too, each kernel row carrying its model's threads ...
     two = replace(INFO, threads=2)
@@ -429,7 +430,8 @@ def test_transfer_to_another_batch_refits_on_both_measurement_sets(dataset):
     expected2 = KernelPredictor(n_estimators=50, min_samples=5, device=two).fit(
         *kernel_inputs([*records, *threads2]), threads=[1] * len(records) + [2] * 3
     )
-    np.testing.assert_allclose(pooled2.predict(models), expected2.predict(models))
+    for ks in models:
+        np.testing.assert_allclose(pooled2.predict_kernels(ks), expected2.predict_kernels(ks))
     # ... so the same kernels are predicted faster on 2 threads than on 1 by the one fit.
     one = copy.deepcopy(pooled2)
     one.device = INFO
@@ -439,6 +441,27 @@ def test_transfer_to_another_batch_refits_on_both_measurement_sets(dataset):
     np.testing.assert_array_equal(
         adapt(prior, elsewhere, records).predict(models), adapt(prior, elsewhere).predict(models)
     )
+
+
+def test_pooled_transfer_refits_how_kernels_add_up_where_that_validates(dataset):
+    """A per-model cost the kernels do not explain (here the models take twice their kernels'
+    time) is the new profile's own: the per-model part is refitted on the new measurements, not
+    left at the pooled fit's, which the prior's models dominate."""
+    records = read_records(dataset)
+    prior = KernelPredictor(n_estimators=50, min_samples=5, device=INFO).fit(
+        *kernel_inputs(records)
+    )
+    info = replace(INFO, batch=2)
+    slower = [{**r, "median_ms": 2 * r["median_ms"], "device": info.to_dict()} for r in records]
+    models, y, _ = kernel_inputs(slower)
+    adapted = adapt(prior, slower, records)
+    pooled = KernelPredictor(n_estimators=50, min_samples=5).fit(
+        *kernel_inputs([*records, *slower])
+    )
+    for ks in models:
+        np.testing.assert_allclose(adapted.predict_kernels(ks), pooled.predict_kernels(ks))
+    error = np.abs(np.log(adapted.predict(models) / y)).mean()
+    assert error < 0.5 * np.abs(np.log(pooled.predict(models) / y)).mean()
 
 
 def test_metrics_by_hand():
@@ -491,7 +514,7 @@ def test_load_predictor_adapts_a_new_profile_once_and_caches_it(dataset, tmp_pat
         *kernel_inputs(read_records(dataset))
     )
     prior_path = prior.save(tmp_path / "prior.npz")
-    monkeypatch.setattr(store, "default_predictor_path", lambda: prior_path)
+    monkeypatch.setattr(store, "default_predictor_path", lambda info=None: prior_path)
     device = FakeDevice(replace(INFO, processor="Other CPU"), scale=0.5)
     adapted = load_predictor(device=device, progress=False)
     cached = tmp_path / "predictors" / device.info.profile / "kernel.npz"
@@ -521,7 +544,7 @@ def test_adapting_to_another_batch_pools_the_shipped_measurements(dataset, tmp_p
     (tmp_path / "shipped").mkdir()
     prior_path = prior.save(tmp_path / "shipped" / "kernel.npz")
     (tmp_path / "shipped" / store.DATA_FILE).write_bytes(Path(dataset).read_bytes())
-    monkeypatch.setattr(store, "default_predictor_path", lambda: prior_path)
+    monkeypatch.setattr(store, "default_predictor_path", lambda info=None: prior_path)
     adapted = load_predictor(device=FakeDevice(INFO, scale=2.0), batch=2, progress=False)
     assert adapted.device.profile == INFO.with_batch(2).profile
     measured = read_records(
@@ -530,15 +553,31 @@ def test_adapting_to_another_batch_pools_the_shipped_measurements(dataset, tmp_p
     pooled = KernelPredictor(n_estimators=20, min_samples=5).fit(
         *kernel_inputs([*shipped, *measured])
     )
-    models = kernel_inputs(measured)[0]
-    np.testing.assert_allclose(adapted.predict(models), pooled.predict(models))
+    for ks in kernel_inputs(measured)[0]:
+        np.testing.assert_allclose(adapted.predict_kernels(ks), pooled.predict_kernels(ks))
 
 
-def test_shipped_predictor_matches_its_folder_and_predicts():
-    path = store.default_predictor_path()
+@pytest.mark.parametrize("profile", store.builtin_profiles())
+def test_shipped_predictor_matches_its_folder_and_predicts(profile):
+    path = store.builtin_dir() / profile / store.PREDICTOR_FILE
     predictor = load(path)
     assert isinstance(predictor, KernelPredictor)
-    assert predictor.device.profile == path.parent.name
+    assert predictor.device.profile == profile
     assert (path.parent / "provenance.json").is_file()
     s = generator.generate(0, 2)
     assert 0 < predictor.predict_onnx(s.onnx_model, s.input_shape) < 1000
+
+
+def test_transfer_prior_is_the_shipped_predictor_of_the_same_processor(tmp_path, monkeypatch):
+    """Transfer to 2 threads on a host with a shipped 1-thread predictor pools that one's
+    measurements; on an unknown host any shipped predictor serves as the prior."""
+    mine, other = replace(INFO, processor="CPU B"), replace(INFO, processor="CPU A")
+    for info in (other, mine, replace(mine, threads=4)):
+        (tmp_path / info.profile).mkdir()
+        (tmp_path / info.profile / store.PREDICTOR_FILE).write_bytes(b"")
+    monkeypatch.setattr(store, "builtin_dir", lambda: tmp_path)
+    chosen = store.default_predictor_path(replace(mine, threads=2, batch=4))
+    assert chosen == tmp_path / mine.profile / store.PREDICTOR_FILE
+    first = tmp_path / other.profile / store.PREDICTOR_FILE
+    assert store.default_predictor_path(replace(INFO, processor="CPU C")) == first
+    assert store.default_predictor_path() == first

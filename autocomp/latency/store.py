@@ -11,6 +11,7 @@ default with ≤ 30 measurements on that device and cached; otherwise it is an e
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -42,11 +43,16 @@ def builtin_profiles() -> list[str]:
     return sorted(p.parent.name for p in root.glob(f"*/{PREDICTOR_FILE}"))
 
 
-def default_predictor_path() -> Path:
-    """The shipped predictor used as the prior for transfer (ORT CPU, 1 thread, batch 1)."""
+def default_predictor_path(device_info: DeviceInfo | None = None) -> Path:
+    """The shipped predictor used as the prior for transfer (ORT CPU, 1 thread, batch 1): the one
+    of ``device_info``'s processor and runtime where one is shipped, since transfer can then pool
+    its measurements (:mod:`~autocomp.latency.transfer`), else the first shipped."""
     profiles = [p for p in builtin_profiles() if p.endswith("_t1_b1")] or builtin_profiles()
     if not profiles:
         raise AutocompError("this autocomp installation ships no latency predictor")
+    if device_info is not None:
+        same_host = replace(device_info, threads=1, batch=1).profile
+        profiles = sorted(profiles, key=lambda p: p != same_host)
     return builtin_dir() / profiles[0] / PREDICTOR_FILE
 
 
@@ -119,7 +125,7 @@ def adapt_to_device(
     from autocomp.latency.dataset import measure_generated, read_records
     from autocomp.latency.transfer import adapt
 
-    shipped = default_predictor_path()
+    shipped = default_predictor_path(device.info)
     # The shipped predictor ships the measurements it was fitted from: transfer may pool them.
     fitted_on = shipped.parent / DATA_FILE
     prior_records = read_records(fitted_on) if prior is None and fitted_on.is_file() else []

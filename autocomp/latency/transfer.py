@@ -4,10 +4,8 @@ The shipped predictor is the prior; a handful (≤ 30) of generated models measu
 profile fit a correction in log-latency space, per kernel type:
 ``log t_new = log t_prior + a_type + b_type * log t_prior`` (``b`` lets big kernels speed up more
 than small ones with more threads). Each type's line is shrunk toward the line fitted on all
-kernels, so types seen a few times only borrow strength from the rest. The per-model overhead and
-correction are refitted on the new measurements (the correction shrunk toward the prior's).
-Without profiled node times (a device that cannot profile), one scale factor on whole-model
-latencies is fitted instead.
+kernels, so types seen a few times only borrow strength from the rest. Without profiled node
+times (a device that cannot profile), one scale factor on whole-model latencies is fitted instead.
 
 When the new profile differs from the prior's only in what the kernel features carry (the batch,
 and the intra-op thread count, a profile column of :func:`~autocomp.latency.kernels.feature_matrix`)
@@ -19,10 +17,17 @@ put 70.0% of 30 held-out models within ±10% (MAPE 8.3%) and the correction 50.0
 (experiments/latency_predictors.py, 2026-11-25). Across other CPUs or runtimes the same kernel
 features would mean two different times, so those are corrected as above.
 
-Thirty models can also mislead a correction: where the prior already fits the new profile, the
-correction fits the measurements' noise. So the correction is kept only if it predicts the
-measured models better than the prior does under cross-validation
-(:func:`~autocomp.latency.metrics.out_of_fold`); otherwise the prior serves the new profile as it
+Either way the per-model part (overhead and context correction: how a profile's kernels add up
+to a model) is then refitted on the new measurements, each coefficient pulled toward the one it
+replaces: a pooled fit's per-model part is otherwise the prior's models' (hundreds against 30).
+On a host too noisy to tell much (experiments/latency_predictors.py, 2026-12-05, where two
+halves of the sessions of one model agreed within ±10% for only 67.5-90.0% of the held-out models),
+the refit moved 2 threads from 70.0% to 73.3% within ±10% and left batch 4 where it was.
+
+Thirty models can also mislead a refit: where the predictor already fits the new profile, the
+refit fits the measurements' noise. So it is kept only if it predicts the measured models better
+than the predictor it would replace under cross-validation
+(:func:`~autocomp.latency.metrics.out_of_fold`); otherwise that one serves the new profile as it
 is. The check only sees the measured models: at batch 4 on an earlier host the correction
 (before pooling) cross-validated better (mean |log error| 0.036 against the prior's 0.042) and was
 kept, yet put fewer held-out models within ±10% than the prior as is (80.0% against 83.3%).
@@ -31,7 +36,7 @@ kept, yet put fewer held-out models within ±10% than the prior as is (80.0% aga
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -76,29 +81,49 @@ def adapt(
     prior_records: Sequence[dict[str, Any]] = (),
 ) -> KernelPredictor:
     """A predictor for the device profile of ``records`` (≤ 30 suffice): refitted on them pooled
-    with ``prior_records`` (the prior's own measurements) where only the batch differs, else a
-    copy of ``prior`` corrected, or as it is where the correction does not cross-validate better
-    (module docstring)."""
+    with ``prior_records`` (the prior's own measurements) where only the batch and threads differ,
+    else a copy of ``prior`` corrected; then its per-model part refitted on ``records`` where
+    that cross-validates better than leaving it (module docstring)."""
     from autocomp.hardware.base import DeviceInfo
 
     device = DeviceInfo.from_dict(records[0]["device"])
     if prior_records and _poolable(prior, device, records, prior_records):
-        pool = [*prior_records, *records]
-        pooled = KernelPredictor(**prior._params(), device=device)
-        return pooled.fit(*kernel_inputs(pool), threads=[_threads(r) for r in pool])
+        pooled = pooled_fit(prior, records, prior_records)
+        return _if_it_validates(pooled, lambda chosen: _refit_model_part(pooled, chosen), records)
+    as_is = copy.deepcopy(prior)
+    as_is.device = device
+    return _if_it_validates(as_is, lambda chosen: _corrected(prior, chosen), records)
+
+
+def pooled_fit(
+    prior: KernelPredictor,
+    records: Sequence[dict[str, Any]],
+    prior_records: Sequence[dict[str, Any]],
+) -> KernelPredictor:
+    """A predictor of ``prior``'s hyper-parameters for the profile of ``records``, fitted on them
+    and ``prior_records`` together (each kernel row carrying its model's thread count)."""
+    from autocomp.hardware.base import DeviceInfo
+
+    pool = [*prior_records, *records]
+    pooled = KernelPredictor(**prior._params(), device=DeviceInfo.from_dict(records[0]["device"]))
+    return pooled.fit(*kernel_inputs(pool), threads=[_threads(r) for r in pool])
+
+
+def _if_it_validates(
+    kept: KernelPredictor,
+    refit: Callable[[Sequence[dict[str, Any]]], KernelPredictor],
+    records: Sequence[dict[str, Any]],
+) -> KernelPredictor:
+    """``refit(records)`` if, refitted without each record, it predicts that record better than
+    ``kept`` does (:func:`~autocomp.latency.metrics.out_of_fold`), else ``kept``."""
+    if len(records) < 2:
+        return refit(records)
     models, y, _ = kernel_inputs(records)
-    if len(records) > 1:
-        held_out = out_of_fold(
-            len(records),
-            lambda fit, rest: _corrected(prior, [records[i] for i in fit]).predict(
-                [models[i] for i in rest]
-            ),
-        )
-        if _log_error(held_out, y) >= _log_error(prior.predict(models), y):
-            as_is = copy.deepcopy(prior)
-            as_is.device = device
-            return as_is
-    return _corrected(prior, records)
+    held_out = out_of_fold(
+        len(records),
+        lambda fit, rest: refit([records[i] for i in fit]).predict([models[i] for i in rest]),
+    )
+    return refit(records) if _log_error(held_out, y) < _log_error(kept.predict(models), y) else kept
 
 
 def _poolable(
@@ -161,16 +186,30 @@ def _corrected(prior: KernelPredictor, records: Sequence[dict[str, Any]]) -> Ker
         rows = keys == key
         if rows.any():
             adapted.correction_[key] = _weighted_line(x[rows], r[rows], w[rows], glob, SHRINKAGE)
+    return _refit_model_part(adapted, records)
+
+
+def _refit_model_part(
+    predictor: KernelPredictor, records: Sequence[dict[str, Any]]
+) -> KernelPredictor:
+    """A copy of ``predictor`` whose per-model overhead and correction are refitted on
+    ``records``, each pulled toward ``predictor``'s own (:data:`OVERHEAD_SHRINKAGE`,
+    :data:`MODEL_SHRINKAGE`): how a profile's kernels add up to a model is the profile's own."""
+    adapted = copy.deepcopy(predictor)
+    models, y, raw_times = kernel_inputs(records)
+    times = timed_kernels(models, y, raw_times, profiled(records))
+    matrices = [adapted.matrix(ks) for ks in models]
     kept = np.asarray([bool(nt) for nt in times])
     measured = overhead_inputs(matrices, [sum(nt.values()) for nt in times])
-    adapted.overhead_ = _fit_overhead(
-        measured[kept], y[kept], prior=prior.overhead_, shrinkage=OVERHEAD_SHRINKAGE
-    )
+    if kept.any():  # models with timed kernels
+        adapted.overhead_ = _fit_overhead(
+            measured[kept], y[kept], prior=predictor.overhead_, shrinkage=OVERHEAD_SHRINKAGE
+        )
     per_kernel = [adapted._kernel_times(ks, X) for ks, X in zip(models, matrices, strict=True)]
     base = overhead_inputs(matrices, [p.sum() for p in per_kernel]) @ adapted.overhead_
     C = adapted._context(matrices, per_kernel, base)
     reg = MODEL_SHRINKAGE * np.eye(C.shape[1])
     adapted.model_correction_ = np.linalg.solve(
-        C.T @ C + reg, C.T @ (np.log(y) - np.log(base)) + reg @ prior.model_correction_
+        C.T @ C + reg, C.T @ (np.log(y) - np.log(base)) + reg @ predictor.model_correction_
     )
     return adapted

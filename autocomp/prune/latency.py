@@ -5,8 +5,8 @@ latency is that ONNX graph's. Two ways to know it:
 
 ``measure`` (the default): export and time every policy the search screens on the device, with a
 short timing (the final model is timed again in full). On this machine exporting and timing a
-small network takes about as long as extracting its kernels for the predictor, and the kernel
-predictor is only ~50-60% within ±10% here, so measuring is both the truth and no slower.
+small network takes about as long as extracting its kernels for the predictor, so measuring is
+the truth and no slower.
 
 ``predict``: the device's kernel-level predictor on the pruned ONNX graph, calibrated per run: the
 original model, the smallest policy and a few random ones are measured and the predictor is
