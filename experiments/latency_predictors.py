@@ -295,6 +295,7 @@ def main() -> None:
     arch = ArchPredictor().fit(Xtr, ytr)
     lut = LutPredictor().fit(Xtr, ytr)
     results: dict[str, dict] = {}
+    levels: dict[str, dict[str, float]] = {}
 
     def score(part: str, S: np.ndarray, preds: dict[str, np.ndarray], main: str) -> None:
         """Floors, then each prediction against the truth; ``main`` also against the halves
@@ -406,6 +407,16 @@ def main() -> None:
         loads[f"{tag} passes"] = ho.pass_loads()
         held_t, S_t = ho.records(args.sessions)
         models_t = kernel_inputs(held_t)[0]
+        # Where each set's latencies lie against one yardstick, the prior's predictions: a
+        # transfer learns the level of its fitting models, and is scored on the fastest session.
+        fit_models, fit_y, _ = kernel_inputs(fit)
+        prior_t = kp.predict(models_t)
+        levels[part] = {
+            "fitting models (one timing each)": np.median(fit_y / kp.predict(fit_models)),
+            "held-out truths (fastest session)": np.median(S_t.min(axis=1) / prior_t),
+            "held-out session 1": np.median(S_t[:, 0] / prior_t),
+            "held-out slowest / fastest session": np.median(S_t.max(axis=1) / S_t.min(axis=1)),
+        }
         only30 = KernelPredictor(min_samples=10, normalize=profiled(fit))
         adapted = adapt(kp, fit, train)
         micro = ho.kernel_times(held_t, models_t, threads=threads)
@@ -413,7 +424,7 @@ def main() -> None:
             part,
             S_t,
             {
-                "prior (1 thread, batch 1), no transfer": kp.predict(models_t),
+                "prior (1 thread, batch 1), no transfer": prior_t,
                 "transfer from 30 measurements": adapted.predict(models_t),
                 f"prior, {MICRO}": kp.predict_from_kernel_times(models_t, micro),
                 f"transfer, {MICRO}": adapted.predict_from_kernel_times(models_t, micro),
@@ -485,6 +496,9 @@ def main() -> None:
         print(row(label, m))
     for name, cps in throughput.items():
         print(f"mbv3: {name} predictor throughput: {cps:,.0f} candidates/s")
+    for part, level in levels.items():
+        said = ", ".join(f"{what} {x:.2f}" for what, x in level.items())
+        print(f"{part}: measured / prior's prediction, median: {said}")
     print(f"training set: {len(train)} generated models from {train_path} (fit {fit_s:.0f} s)")
     print(f"load averages (1, 5, 15 min): {loads}")
     print(f"wall time: {time.time() - t0:.0f} s")
@@ -493,6 +507,7 @@ def main() -> None:
             {
                 "results": results,
                 "throughput": throughput,
+                "transfer_levels": levels,
                 "timm": per_model,
                 "train": str(train_path),
                 "n_train": len(train),
