@@ -19,9 +19,9 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -29,19 +29,27 @@ from tqdm import tqdm
 
 from autocomp.errors import AutocompError
 from autocomp.hardware import Timing, load_onnx, static_input_shape
-from autocomp.hardware.base import Device, OnnxModel
+from autocomp.hardware.base import Device, Measurement, OnnxModel
 from autocomp.hardware.ort_device import OrtDevice
 from autocomp.latency.generator import generate, sample_id
 from autocomp.latency.kernels import Kernel, extract_kernels, join_times
 from autocomp.latency.microbench import benchmark_kernels
 
+T = TypeVar("T")
+
 RECORD_VERSION = 2
 #: Timing of a whole model for a dataset: shorter than a single measurement's default, so that
 #: the shipped dataset fits in 15 minutes of measurement. A neighbour's load only ever slows a
-#: session down, so each model is timed in ``SESSIONS`` sessions (before and after its kernels)
-#: and keeps the fastest median.
+#: session down, so each model is timed in ``SESSIONS`` sessions and keeps the fastest median,
+#: and its kernels are benchmarked as often and keep their fastest times.
 TIMING = Timing(warmup_runs=3, warmup_s=0.1, max_warmup_s=1.0, min_runs=10, min_s=0.3, sessions=1)
 SESSIONS = 2
+#: Models measured together in passes, one session of each per pass, so that a model's sessions
+#: lie a pass (half a minute or more) apart. On a shared host the CPU slows down for stretches of
+#: 5-60 s (1.1-1.9x, all models alike): back-to-back sessions share their stretch (30 models'
+#: two sessions differed by a median 2.2%, a pass apart by 7.8%), so their fastest says little
+#: more than one. A killed run loses at most the group in progress.
+INTERLEAVE = 30
 #: Profiled devices: sessions a model whose median is inconsistent with its profile gets.
 REMEASURE = 2
 
@@ -98,54 +106,91 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def make_record(
+def make_records(
+    device: Device, models: Sequence[tuple[OnnxModel, tuple[int, ...], str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Measure ``models`` (model, input shape, record id, source) on ``device`` and describe and
+    time their kernels: one record per model.
+
+    This machine's ``cpu`` device: ``SESSIONS`` passes over all ``models``, each timing one
+    session of every model and micro-benchmarking its kernels; a record keeps the fastest session
+    median and each kernel's fastest time. Other devices (remote, CUDA): one session with the
+    profiler on, measured again (at most ``REMEASURE`` times, fastest median kept) while the
+    median is well above the sum of the profiled node times (:func:`consistent`).
+    """
+    if not _benchmarkable(device):
+        return [_profiled_record(device, *m) for m in models]
+    threads = device.threads  # type: ignore[attr-defined]
+    sessions: list[list[Measurement]] = [[] for _ in models]
+    benches: list[list[tuple[list[Kernel], dict[str, float]]]] = [[] for _ in models]
+    for _ in range(SESSIONS):
+        for (model, shape, _, _), timed, bench in zip(models, sessions, benches, strict=True):
+            timed.append(device.measure(model, shape))
+            bench.append(benchmark_kernels(model, shape, threads=threads))
+    records = []
+    for (_, shape, rid, source), timed, bench in zip(models, sessions, benches, strict=True):
+        kernels, kernel_times = _fastest_kernel_times(bench)
+        m = min(timed, key=lambda s: s.median_ms)
+        record = _record(rid, source, shape, m, kernels)
+        record["session_medians_ms"] = [s.median_ms for s in timed]
+        record["kernel_times_ms"] = kernel_times
+        records.append(record)
+    return records
+
+
+def _fastest_kernel_times(
+    benches: list[tuple[list[Kernel], dict[str, float]]],
+) -> tuple[list[Kernel], dict[str, float]]:
+    """The first benchmark's kernels, each with its fastest time over all benchmarks. Kernels
+    are matched by run order, not name: ORT may name the nodes it inserts differently in another
+    session (see :func:`~autocomp.latency.kernels.join_times`)."""
+    kernels, times = benches[0]
+    best = [times[k.name] for k in kernels]
+    for other, other_times in benches[1:]:
+        if [k.op for k in other] == [k.op for k in kernels]:
+            best = [min(b, other_times[k.name]) for b, k in zip(best, other, strict=True)]
+    return kernels, {k.name: t for k, t in zip(kernels, best, strict=True)}
+
+
+def _profiled_record(
     device: Device,
     model: OnnxModel,
-    input_shape: tuple[int, ...],
-    *,
-    record_id: str,
+    shape: tuple[int, ...],
+    rid: str,
     source: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measure ``model`` on ``device`` and describe and time its kernels.
-
-    This machine's ``cpu`` device: ``SESSIONS`` timed sessions (fastest median kept) and a
-    micro-benchmark of every kernel. Other devices (remote, CUDA): one session with the profiler
-    on, measured again (at most ``REMEASURE`` times, fastest median kept) while the median is
-    well above the sum of the profiled node times (:func:`consistent`).
-    """
-    record: dict[str, Any] = {"version": RECORD_VERSION, "id": record_id, "source": source}
-    if _benchmarkable(device):
-        threads = device.threads  # type: ignore[attr-defined]
-        sessions = [device.measure(model, input_shape)]
-        kernels, kernel_times = benchmark_kernels(model, input_shape, threads=threads)
-        sessions += [device.measure(model, input_shape) for _ in range(SESSIONS - 1)]
-        m = min(sessions, key=lambda s: s.median_ms)
-        record["session_medians_ms"] = [s.median_ms for s in sessions]
-        record["kernel_times_ms"] = kernel_times
-    else:
-        m = device.measure(model, input_shape, profile=True)
-        for _ in range(REMEASURE):
-            if consistent(m.median_ms, m.node_times_ms):
-                break
-            again = device.measure(model, input_shape, profile=True)
-            m = again if again.median_ms < m.median_ms else m
-        kernels = extract_kernels(model, input_shape)
-        ran = list((m.node_ops or {}).items())
-        record["node_times_ms"] = join_times(kernels, ran, m.node_times_ms or {})
-    record.update(
-        {
-            "input_shape": list(input_shape),
-            "device": m.info.to_dict(),
-            "ort_version": ort.__version__,
-            "host": platform.node(),
-            "median_ms": m.median_ms,
-            "p10_ms": m.p10_ms,
-            "p90_ms": m.p90_ms,
-            "runs": len(m.samples),
-            "kernels": [k.to_dict() for k in kernels],
-        }
-    )
+    """A record from a device that can only profile (see :func:`make_records`)."""
+    m = device.measure(model, shape, profile=True)
+    for _ in range(REMEASURE):
+        if consistent(m.median_ms, m.node_times_ms):
+            break
+        again = device.measure(model, shape, profile=True)
+        m = again if again.median_ms < m.median_ms else m
+    kernels = extract_kernels(model, shape)
+    record = _record(rid, source, shape, m, kernels)
+    ran = list((m.node_ops or {}).items())
+    record["node_times_ms"] = join_times(kernels, ran, m.node_times_ms or {})
     return record
+
+
+def _record(
+    rid: str, source: dict[str, Any], shape: tuple[int, ...], m: Measurement, kernels: list[Kernel]
+) -> dict[str, Any]:
+    """What every record holds: who measured what, how fast, and its kernels."""
+    return {
+        "version": RECORD_VERSION,
+        "id": rid,
+        "source": source,
+        "input_shape": list(shape),
+        "device": m.info.to_dict(),
+        "ort_version": ort.__version__,
+        "host": platform.node(),
+        "median_ms": m.median_ms,
+        "p10_ms": m.p10_ms,
+        "p90_ms": m.p90_ms,
+        "runs": len(m.samples),
+        "kernels": [k.to_dict() for k in kernels],
+    }
 
 
 def _benchmarkable(device: Device) -> bool:
@@ -194,14 +239,30 @@ def measure_generated(
     profile = device.info.with_batch(batch).profile
     done = _open_dataset(out, profile)
     todo = [i for i in range(n) if sample_id(seed, i) not in done]
-    for i in tqdm(todo, desc=f"measuring {out.name}", unit="model", disable=not progress):
-        sample = generate(seed, i, batch)
-        source = {"generator": {"seed": seed, "index": i, "config": sample.config}}
-        record = make_record(
-            device, sample.onnx_model, sample.input_shape, record_id=sample.id, source=source
-        )
-        append_record(out, record)
+    with tqdm(
+        total=len(todo), desc=f"measuring {out.name}", unit="model", disable=not progress
+    ) as bar:
+        for group in _groups(todo):
+            samples = [generate(seed, i, batch) for i in group]
+            models = [
+                (
+                    s.onnx_model,
+                    s.input_shape,
+                    s.id,
+                    {"generator": {"seed": seed, "index": i, "config": s.config}},
+                )
+                for i, s in zip(group, samples, strict=True)
+            ]
+            for record in make_records(device, models):
+                append_record(out, record)
+            bar.update(len(group))
     return len(todo)
+
+
+def _groups(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``items`` in groups of ``INTERLEAVE``."""
+    for i in range(0, len(items), INTERLEAVE):
+        yield items[i : i + INTERLEAVE]
 
 
 def measure_files(
@@ -222,9 +283,16 @@ def measure_files(
         models.append((f"file-{digest}-b{shape[0]}", Path(p), model, shape))
     done = _open_dataset(out, device.info.with_batch(models[0][3][0] if models else 1).profile)
     todo = [m for m in models if m[0] not in done]
-    for rid, path, model, shape in tqdm(todo, desc="measuring", unit="model", disable=not progress):
-        source = {"file": str(path), "name": path.stem}
-        append_record(out, make_record(device, model, shape, record_id=rid, source=source))
+    with tqdm(total=len(todo), desc="measuring", unit="model", disable=not progress) as bar:
+        for group in _groups(todo):
+            sources = [{"file": str(path), "name": path.stem} for _, path, _, _ in group]
+            batch = [
+                (model, shape, rid, src)
+                for (rid, _, model, shape), src in zip(group, sources, strict=True)
+            ]
+            for record in make_records(device, batch):
+                append_record(out, record)
+            bar.update(len(group))
     return len(todo)
 
 
