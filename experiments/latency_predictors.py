@@ -427,7 +427,7 @@ def main() -> None:
         models_t = kernel_inputs(held_t)[0]
         # Where each set's latencies lie against one yardstick, the prior's predictions: a
         # transfer learns the level of its fitting models, and is scored on the fastest session.
-        fit_models, fit_y, _ = kernel_inputs(fit)
+        fit_models, fit_y, fit_times = kernel_inputs(fit)
         prior_t = kp.predict(models_t)
         levels[part] = {
             "fitting models": float(np.median(fit_y / kp.predict(fit_models))),
@@ -450,9 +450,9 @@ def main() -> None:
                 "pooled fit, its per-model part not refitted": pooled_fit(kp, fit, train).predict(
                     models_t
                 ),
-                "kernel predictor fit on the 30 only": only30.fit(*kernel_inputs(fit)).predict(
-                    models_t
-                ),
+                "kernel predictor fit on the 30 only": only30.fit(
+                    fit_models, fit_y, fit_times
+                ).predict(models_t),
                 "transfer from 130 measurements": adapt(kp, more, train).predict(models_t),
             },
             "transfer from 30 measurements",

@@ -605,3 +605,18 @@ def test_dataset_times_models_in_passes_and_keeps_each_kernels_fastest_time(tmp_
     for record in (first, second):
         assert set(record["kernel_times_ms"].values()) == {1.0}
         assert {k["name"] for k in record["kernels"]} == set(record["kernel_times_ms"])
+
+
+def test_user_models_join_a_dataset_once(tmp_path):
+    path = tmp_path / "net.onnx"
+    sample = generator.generate(0, 3)
+    onnx.save(sample.onnx_model, path)
+    out = tmp_path / "d.jsonl"
+    device = get_device("cpu", timing=QUICK)
+    assert dataset_module.measure_files(device, [path], out, progress=False) == 1
+    assert dataset_module.measure_files(device, [path], out, progress=False) == 0
+    (record,) = read_records(out)
+    assert record["id"].startswith("file-") and record["id"].endswith("-b1")
+    assert record["source"] == {"file": str(path), "name": "net"}
+    assert record["input_shape"] == list(sample.input_shape)
+    assert len(record["session_medians_ms"]) == dataset_module.SESSIONS

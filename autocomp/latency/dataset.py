@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,8 @@ from autocomp.latency.kernels import Kernel, extract_kernels, join_times
 from autocomp.latency.microbench import benchmark_kernels
 
 T = TypeVar("T")
+#: What :func:`make_records` measures: a model, its input shape, its record id and its source.
+ToMeasure = tuple[OnnxModel, tuple[int, ...], str, dict[str, Any]]
 
 RECORD_VERSION = 2
 #: Timing of a whole model for a dataset: shorter than a single measurement's default, so that
@@ -106,9 +108,7 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def make_records(
-    device: Device, models: Sequence[tuple[OnnxModel, tuple[int, ...], str, dict[str, Any]]]
-) -> list[dict[str, Any]]:
+def make_records(device: Device, models: Sequence[ToMeasure]) -> list[dict[str, Any]]:
     """Measure ``models`` (model, input shape, record id, source) on ``device`` and describe and
     time their kernels: one record per model.
 
@@ -239,30 +239,36 @@ def measure_generated(
     profile = device.info.with_batch(batch).profile
     done = _open_dataset(out, profile)
     todo = [i for i in range(n) if sample_id(seed, i) not in done]
-    with tqdm(
-        total=len(todo), desc=f"measuring {out.name}", unit="model", disable=not progress
-    ) as bar:
-        for group in _groups(todo):
-            samples = [generate(seed, i, batch) for i in group]
-            models = [
-                (
-                    s.onnx_model,
-                    s.input_shape,
-                    s.id,
-                    {"generator": {"seed": seed, "index": i, "config": s.config}},
-                )
-                for i, s in zip(group, samples, strict=True)
-            ]
-            for record in make_records(device, models):
+
+    def describe(i: int) -> ToMeasure:
+        s = generate(seed, i, batch)
+        return (
+            s.onnx_model,
+            s.input_shape,
+            s.id,
+            {"generator": {"seed": seed, "index": i, "config": s.config}},
+        )
+
+    return _measure_in_groups(device, out, todo, describe, f"measuring {out.name}", progress)
+
+
+def _measure_in_groups(
+    device: Device,
+    out: Path,
+    items: Sequence[T],
+    describe: Callable[[T], ToMeasure],
+    desc: str,
+    progress: bool,
+) -> int:
+    """Append a record for each of ``items`` (``describe(item)``: model, input shape, record id,
+    source) to ``out``, measured ``INTERLEAVE`` at a time by :func:`make_records`; how many."""
+    with tqdm(total=len(items), desc=desc, unit="model", disable=not progress) as bar:
+        for start in range(0, len(items), INTERLEAVE):
+            group = [describe(item) for item in items[start : start + INTERLEAVE]]
+            for record in make_records(device, group):
                 append_record(out, record)
             bar.update(len(group))
-    return len(todo)
-
-
-def _groups(items: Sequence[T]) -> Iterator[Sequence[T]]:
-    """``items`` in groups of ``INTERLEAVE``."""
-    for i in range(0, len(items), INTERLEAVE):
-        yield items[i : i + INTERLEAVE]
+    return len(items)
 
 
 def measure_files(
@@ -275,25 +281,16 @@ def measure_files(
 ) -> int:
     """Add user ONNX models to the dataset ``out`` (skipping ones already measured)."""
     out = Path(out)
-    models = []
+    models: list[ToMeasure] = []
     for p in paths:
         model = load_onnx(p)
         shape = tuple(input_shape or static_input_shape(model, p))
         digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]
-        models.append((f"file-{digest}-b{shape[0]}", Path(p), model, shape))
-    done = _open_dataset(out, device.info.with_batch(models[0][3][0] if models else 1).profile)
-    todo = [m for m in models if m[0] not in done]
-    with tqdm(total=len(todo), desc="measuring", unit="model", disable=not progress) as bar:
-        for group in _groups(todo):
-            sources = [{"file": str(path), "name": path.stem} for _, path, _, _ in group]
-            batch = [
-                (model, shape, rid, src)
-                for (rid, _, model, shape), src in zip(group, sources, strict=True)
-            ]
-            for record in make_records(device, batch):
-                append_record(out, record)
-            bar.update(len(group))
-    return len(todo)
+        source = {"file": str(Path(p)), "name": Path(p).stem}
+        models.append((model, shape, f"file-{digest}-b{shape[0]}", source))
+    done = _open_dataset(out, device.info.with_batch(models[0][1][0] if models else 1).profile)
+    todo = [m for m in models if m[2] not in done]
+    return _measure_in_groups(device, out, todo, lambda m: m, "measuring", progress)
 
 
 def kernel_inputs(
