@@ -21,9 +21,8 @@ import warnings
 
 import numpy as np
 
-from autocomp.latency.dataset import kernel_inputs, profiled, read_records
-from autocomp.latency.metrics import latency_metrics, out_of_fold
-from autocomp.latency.predictors import KernelPredictor
+from autocomp.latency.dataset import read_records
+from autocomp.latency.fit import cross_validated
 
 
 def main() -> None:
@@ -36,16 +35,7 @@ def main() -> None:
     print(f"{len(shared)} models in every dataset")
     for path, records in zip(args.datasets, sets, strict=True):
         records = [r for r in records if r["id"] in shared]
-        models, y, times = kernel_inputs(records)
-        held_out = out_of_fold(
-            len(y),
-            lambda fit, rest, records=records, models=models, y=y, times=times: (
-                KernelPredictor(normalize=profiled(records))
-                .fit([models[i] for i in fit], y[fit], [times[i] for i in fit])
-                .predict([models[i] for i in rest])
-            ),
-        )
-        m = latency_metrics(y, held_out)
+        m = cross_validated(records)
         sessions = [
             r["session_medians_ms"] for r in records if len(r.get("session_medians_ms", [])) >= 2
         ]

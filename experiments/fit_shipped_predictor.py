@@ -26,7 +26,7 @@ import torch
 
 from autocomp.hardware import get_device
 from autocomp.latency.dataset import dataset_profile, kernel_inputs, profiled, read_records
-from autocomp.latency.metrics import latency_metrics, out_of_fold
+from autocomp.latency.fit import cross_validated
 from autocomp.latency.predictors import KernelPredictor
 from autocomp.latency.store import DATA_FILE, PREDICTOR_FILE, builtin_dir
 
@@ -49,17 +49,6 @@ def main() -> None:
     )
     predictor.save(folder / PREDICTOR_FILE)
     fit_s = round(time.time() - t0, 1)
-    # Accuracy against truths of the predictor's own hour and estimator: each model predicted by
-    # a predictor fitted without it. A noisier measurement shows here first.
-    models, y, times = kernel_inputs(records)
-    held_out = out_of_fold(
-        len(y),
-        lambda fit, rest: (
-            KernelPredictor(normalize=profiled(records))
-            .fit([models[i] for i in fit], y[fit], [times[i] for i in fit])
-            .predict([models[i] for i in rest])
-        ),
-    )
     provenance = {
         "profile": info.profile,
         "device": info.to_dict(),
@@ -79,7 +68,8 @@ def main() -> None:
         f"--wall-s {args.wall_s} --started {args.started} --load '{args.load}' "
         f"--command '{args.command}'",
         "fit_s": fit_s,
-        "cross_validated_5_fold": {k: round(v, 4) for k, v in latency_metrics(y, held_out).items()},
+        # Against truths of its own hour and estimator: a noisier measurement shows here first.
+        "cross_validated_5_fold": {k: round(v, 4) for k, v in cross_validated(records).items()},
         "fitted_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "note": "measured on a shared 2-core VM (its load: measurement_load_average); "
         "accuracy and the repeatability floor: experiments/latency_predictors.py",

@@ -68,7 +68,7 @@ from autocomp.latency.dataset import (
     profiled,
     read_records,
 )
-from autocomp.latency.fit import arch_inputs
+from autocomp.latency.fit import arch_inputs, cross_validated
 from autocomp.latency.kernels import (
     FEATURE_NAMES,
     Kernel,
@@ -76,7 +76,7 @@ from autocomp.latency.kernels import (
     feature_matrix,
     join_times,
 )
-from autocomp.latency.metrics import latency_metrics, out_of_fold
+from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import benchmark_kernels
 from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
 from autocomp.latency.store import DATA_FILE, builtin_dir, default_predictor_path
@@ -326,7 +326,7 @@ def main() -> None:
     t_fit = time.time()
     kp = KernelPredictor(normalize=profiled(train), device=dev.info).fit(*kernel_inputs(train))
     fit_s = time.time() - t_fit
-    train_models, ytr, train_times = kernel_inputs(train)
+    train_models, ytr, _ = kernel_inputs(train)
     flops_coef = np.polyfit(flops_of(train_models), ytr, 1)
     Xtr, _ = arch_inputs(train)
     arch = ArchPredictor().fit(Xtr, ytr)
@@ -389,16 +389,8 @@ def main() -> None:
     )
     # The training set was measured in one stretch (15 minutes): cross-validated on it, the
     # predictor is scored against truths of its own hour and estimator.
-    oof = out_of_fold(
-        len(ytr),
-        lambda fit, rest: (
-            copy.deepcopy(kp)
-            .fit([train_models[i] for i in fit], ytr[fit], [train_times[i] for i in fit])
-            .predict([train_models[i] for i in rest])
-        ),
-    )
     results["generated: kernel predictor, 5-fold cross-validated on its training set"] = (
-        latency_metrics(ytr, oof)
+        cross_validated(train)
     )
 
     per_model: dict[str, dict] = {}

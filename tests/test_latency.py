@@ -20,6 +20,7 @@ from autocomp.hardware import DeviceInfo, Measurement, Timing, get_device
 from autocomp.latency import dataset as dataset_module
 from autocomp.latency import generator, store
 from autocomp.latency.dataset import append_record, kernel_inputs, measure_generated, read_records
+from autocomp.latency.fit import cross_validated
 from autocomp.latency.forest import Forest
 from autocomp.latency.kernels import (
     FEATURE_NAMES,
@@ -269,6 +270,15 @@ def test_kernel_predictor_fits_synthetic_latency_and_round_trips(dataset, tmp_pa
     path = kp.save(tmp_path / "k.npz")
     again = load(path, INFO)
     np.testing.assert_array_equal(again.predict(models), pred)
+
+
+def test_cross_validation_scores_a_dataset_against_itself(dataset):
+    records = read_records(dataset)
+    clean = cross_validated(records)
+    assert clean["n"] == len(records) and clean["within_10_pct"] == 100.0
+    # A model measured twice as slow as its kernels say is one the others cannot predict.
+    records[0] = {**records[0], "median_ms": 2 * records[0]["median_ms"]}
+    assert cross_validated(records)["within_10_pct"] < 100.0
 
 
 @pytest.mark.parametrize("cls", [ArchPredictor, LutPredictor])

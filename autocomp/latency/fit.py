@@ -12,7 +12,7 @@ from autocomp.errors import AutocompError
 from autocomp.hardware.base import DeviceInfo
 from autocomp.latency.dataset import dataset_profile, kernel_inputs, profiled, read_records
 from autocomp.latency.generator import encode_config
-from autocomp.latency.metrics import latency_metrics
+from autocomp.latency.metrics import latency_metrics, out_of_fold
 from autocomp.latency.predictors import (
     ArchPredictor,
     KernelPredictor,
@@ -64,6 +64,22 @@ def fit_dataset(data: str | Path, kind: str, out: str | Path) -> dict[str, Any]:
         predictor = KINDS[kind](device=device).fit(X, y)
     predictor.save(out)
     return {"out": str(out), "kind": kind, "profile": device.profile, "n": len(records)}
+
+
+def cross_validated(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """:func:`~autocomp.latency.metrics.latency_metrics` of a kernel predictor on its own
+    dataset, each model predicted by one fitted without it (5 folds): truths of the data's own
+    hour and estimator, so what is left is the predictor's error plus the measurement's noise."""
+    models, y, times = kernel_inputs(records)
+    held_out = out_of_fold(
+        len(y),
+        lambda fit, rest: (
+            KernelPredictor(normalize=profiled(records))
+            .fit([models[i] for i in fit], y[fit], [times[i] for i in fit])
+            .predict([models[i] for i in rest])
+        ),
+    )
+    return latency_metrics(y, held_out)
 
 
 def predict_records(predictor: _Predictor, records: Sequence[dict[str, Any]]) -> np.ndarray:
