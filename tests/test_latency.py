@@ -578,6 +578,21 @@ def test_shipped_predictor_matches_its_folder_and_predicts(profile):
     assert 0 < predictor.predict_onnx(s.onnx_model, s.input_shape) < 1000
 
 
+def test_a_shipped_predictor_wins_over_an_adaptation_cached_before_it_shipped(
+    tmp_path, monkeypatch
+):
+    for root in ("shipped", "cache"):
+        (tmp_path / root / INFO.profile).mkdir(parents=True)
+        (tmp_path / root / INFO.profile / store.PREDICTOR_FILE).write_bytes(root.encode())
+    monkeypatch.setattr(store, "builtin_dir", lambda: tmp_path / "shipped")
+    monkeypatch.setattr(store, "cache_dir", lambda: tmp_path / "cache")
+    assert store.find_predictor(INFO.profile).read_bytes() == b"shipped"
+    other = replace(INFO, threads=2).profile
+    (tmp_path / "cache" / other).mkdir()
+    (tmp_path / "cache" / other / store.PREDICTOR_FILE).write_bytes(b"cache")
+    assert store.find_predictor(other).read_bytes() == b"cache"
+
+
 def test_transfer_prior_is_the_shipped_predictor_of_the_same_processor(tmp_path, monkeypatch):
     """Transfer to 2 threads on a host with a shipped 1-thread predictor pools that one's
     measurements; on an unknown host any shipped predictor serves as the prior."""
