@@ -275,10 +275,11 @@ def test_kernel_predictor_fits_synthetic_latency_and_round_trips(dataset, tmp_pa
 def test_cross_validation_scores_a_dataset_against_itself(dataset):
     records = read_records(dataset)
     clean = cross_validated(records)
-    assert clean["n"] == len(records) and clean["within_10_pct"] >= 50.0
-    # A model measured twice as slow as its kernels say is one the others cannot predict.
+    assert clean["n"] == len(records) and clean["mape_pct"] < 15.0
+    # A model measured twice as slow as its kernels say is one the others cannot predict: it
+    # alone adds about 50% / n to the mean error.
     records[0] = {**records[0], "median_ms": 2 * records[0]["median_ms"]}
-    assert cross_validated(records)["within_10_pct"] <= clean["within_10_pct"] - 100 / len(records)
+    assert cross_validated(records)["mape_pct"] > clean["mape_pct"] + 25.0 / len(records)
 
 
 @pytest.mark.parametrize("cls", [ArchPredictor, LutPredictor])
