@@ -373,14 +373,15 @@ def main() -> None:
     loads["heldout passes"] = gen.pass_loads()
     held, S = gen.records(args.sessions)
     models = kernel_inputs(held)[0]
-    levels["generated"] = level(S, kp.predict(models))
+    pg = kp.predict(models)
+    levels["generated"] = level(S, pg)
     Xh = np.stack([generator.encode_config(r["config"]) for r in held])
     score(
         "generated",
         S,
         {
             "FLOPs-only linear": np.polyval(flops_coef, flops_of(models)),
-            "kernel predictor": kp.predict(models),
+            "kernel predictor": pg,
             "arch predictor (generator encoding)": arch.predict(Xh),
             "lut predictor (generator encoding)": lut.predict(Xh),
             MICRO: kp.predict_from_kernel_times(models, gen.kernel_times(held, models)),

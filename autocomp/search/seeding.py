@@ -92,7 +92,6 @@ def search_seeds(
         for bits, c in widest.items()
         if not any(more > bits and macs[more] >= macs[bits] for more in widest)
     ]
-    baselines = list({c.key(): c for c in baselines}.values())
     seeds = list({c.key(): c for c in [space.largest(), *widest.values()]}.values())
     return seeds, baselines
 
