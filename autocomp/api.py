@@ -71,11 +71,14 @@ def measure_dataset(
     return added, len(dataset.read_records(out))
 
 
-def fit_predictor(data: str | Path, *, kind: str = "kernel", out: str | Path) -> dict[str, Any]:
-    """Fit a latency predictor (kernel, arch or lut) on a dataset file and save it."""
+def fit_predictor(
+    data: str | Path, *, kind: str = "kernel", out: str | Path, cross_validate: bool = False
+) -> dict[str, Any]:
+    """Fit a latency predictor (kernel, arch or lut) on a dataset file and save it; with
+    ``cross_validate``, the summary also scores it on its own data by 5-fold cross-validation."""
     from autocomp.latency import fit
 
-    return fit.fit_dataset(data, kind, out)
+    return fit.fit_dataset(data, kind, out, cross_validate=cross_validate)
 
 
 def evaluate_predictor(predictor: str | Path, data: str | Path) -> dict[str, Any]:

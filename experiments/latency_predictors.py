@@ -11,7 +11,10 @@ Reproduces the issue-3 acceptance numbers on this machine (ORT CPU, 1 thread, ba
       wall clock: their numbers mean something only while the host is quiet, see the passes'
       load averages);
   (d) arch-level predictors on the mbv3 search space: fitted on kernel-predictor labels of
-      sampled candidates, scored against measured held-out candidates; candidates/s.
+      sampled candidates, scored against measured held-out candidates; candidates/s;
+  (e) few-shot transfer to this CPU from every other host's shipped predictor, from the 30
+      generated models (seed 1000) that ``load_predictor(device=...)`` measures for a profile
+      with no predictor (and from 130), scored on (a)'s and (b)'s truths.
 
 For (a)-(c) the kernel predictor's per-model part (overhead and context correction) is also fed
 each held-out model's micro-benchmarked kernel times in place of its predicted ones: the rows
@@ -78,8 +81,15 @@ from autocomp.latency.kernels import (
 )
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import benchmark_kernels
-from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor
-from autocomp.latency.store import DATA_FILE, builtin_dir, default_predictor_path
+from autocomp.latency.predictors import ArchPredictor, KernelPredictor, LutPredictor, load
+from autocomp.latency.store import (
+    DATA_FILE,
+    PREDICTOR_FILE,
+    TRANSFER_SAMPLES,
+    TRANSFER_SEED,
+    builtin_dir,
+    builtin_profiles,
+)
 from autocomp.latency.transfer import adapt, pooled_fit
 from autocomp.quant.qdq import name_nodes, quantizable_nodes, quantize_nodes
 
@@ -116,7 +126,7 @@ TRUTH_TIMING = Timing(
 )
 
 
-def load() -> str:
+def load_average() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
@@ -306,7 +316,7 @@ def main() -> None:
     ap.add_argument("--arch-train", type=int, default=600, help="mbv3 candidates, kernel-labelled")
     ap.add_argument("--arch-test", type=int, default=20, help="mbv3 candidates, measured")
     ap.add_argument("--res", type=int, default=224, help="timm input resolution")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: timm,b4,t2,mbv3")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: timm,b4,t2,mbv3,cpu")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # see generator.one_torch_thread
@@ -315,13 +325,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dev = get_device("cpu", threads=1, timing=TRUTH_TIMING)
     t0 = time.time()
-    loads: dict[str, object] = {"start": load()}
+    loads: dict[str, object] = {"start": load_average()}
 
-    train_path = (
-        Path(args.train)
-        if args.train
-        else builtin_dir() / Path(default_predictor_path(dev.info)).parent.name / DATA_FILE
-    )
+    train_path = Path(args.train) if args.train else builtin_dir() / dev.info.profile / DATA_FILE
+    if not train_path.is_file():
+        raise SystemExit(
+            f"no training set for profile {dev.info.profile} at {train_path}: measure one "
+            "(autocomp measure --device cpu --generate 600 --out FILE) and pass --train FILE"
+        )
     train = read_records(train_path)
     t_fit = time.time()
     kp = KernelPredictor(normalize=profiled(train), device=dev.info).fit(*kernel_inputs(train))
@@ -369,7 +380,7 @@ def main() -> None:
 
     gen.add([generator.sample_id(1, i) for i in range(args.heldout)], make_generated)
     gen.measure(dev, args.sessions)
-    loads["heldout measured"] = load()
+    loads["heldout measured"] = load_average()
     loads["heldout passes"] = gen.pass_loads()
     held, S = gen.records(args.sessions)
     models = kernel_inputs(held)[0]
@@ -394,6 +405,45 @@ def main() -> None:
         cross_validated(train)
     )
 
+    # (e) The 30 fitting models of a transfer to this CPU, measured right after (a)'s truths.
+    other_cpus = {
+        profile: load(builtin_dir() / profile / PREDICTOR_FILE)
+        for profile in builtin_profiles()
+        if profile.endswith("_t1_b1") and profile != dev.info.profile
+    }
+    if other_cpus and "cpu" not in skip:
+        measure_generated(dev, TRANSFER_SAMPLES, out / "cpu_fit.jsonl", seed=TRANSFER_SEED)
+        cpu_fit = read_records(out / "cpu_fit.jsonl")[:TRANSFER_SAMPLES]
+        measure_generated(dev, 100, out / "cpu_more.jsonl", seed=2000)
+        cpu_more = cpu_fit + read_records(out / "cpu_more.jsonl")[:100]
+        loads["cpu fitting models measured"] = load_average()
+        cpu_predictors = {
+            f"kernel predictor fit on the {len(cpu_fit)} only": KernelPredictor(
+                min_samples=10, normalize=profiled(cpu_fit)
+            ).fit(*kernel_inputs(cpu_fit))
+        }
+        for prior in other_cpus.values():
+            name = prior.device.processor if prior.device else "unknown CPU"
+            cpu_predictors |= {
+                f"{name}'s predictor as is": prior,
+                f"{name}'s, transfer from {len(cpu_fit)}": adapt(prior, cpu_fit),
+                f"{name}'s, transfer from {len(cpu_more)}": adapt(prior, cpu_more),
+            }
+
+    def score_other_cpus(part: str, S: np.ndarray, models: list[list[Kernel]]) -> None:
+        """Each other CPU's predictor, as is and transferred, against ``part``'s truths here."""
+        if not other_cpus or "cpu" in skip:
+            return
+        for name, predictor in cpu_predictors.items():
+            predicted = predictor.predict(models)
+            results[f"{part}, another CPU's prior: {name}"] = latency_metrics(
+                S.min(axis=1), predicted
+            )
+            results[f"{part}, another CPU's prior: {name}, vs fastest of 2"] = mean_metrics(
+                [latency_metrics(pair, predicted) for pair in fastest_of_pairs(S)]
+            )
+
+    score_other_cpus("generated", S, models)
     per_model: dict[str, dict] = {}
     if "timm" not in skip:
         tm = HeldOut(out, "timm")
@@ -410,7 +460,7 @@ def main() -> None:
 
         tm.add(names, make_timm)
         tm.measure(dev, args.sessions)
-        loads["timm measured"] = load()
+        loads["timm measured"] = load_average()
         loads["timm passes"] = tm.pass_loads()
         recs, St = tm.records(args.sessions)
         mt = kernel_inputs(recs)[0]
@@ -436,6 +486,7 @@ def main() -> None:
             r["id"]: {"measured_ms": float(a), "predicted_ms": float(b), "sessions": list(s)}
             for r, a, b, s in zip(recs, truth, pt, St.tolist(), strict=True)
         }
+        score_other_cpus("timm", St, mt)
 
     # Transfer targets from 30 measured generated models (seed 1000) each: batch 4 at 1 thread,
     # and 2 threads at batch 1 (wall-clock timed, so only meaningful while the host is quiet:
@@ -459,7 +510,7 @@ def main() -> None:
         # 100 more (seed 2000), beyond the criterion's 30: is the number of measurements the limit?
         measure_generated(target, 100, out / f"{tag}_more.jsonl", seed=2000, batch=batch)
         more = fit + read_records(out / f"{tag}_more.jsonl")[:100]
-        loads[f"{tag} measured"] = load()
+        loads[f"{tag} measured"] = load_average()
         loads[f"{tag} passes"] = ho.pass_loads()
         held_t, S_t = ho.records(args.sessions)
         models_t = kernel_inputs(held_t)[0]
@@ -519,7 +570,7 @@ def main() -> None:
         mb = HeldOut(out, "mbv3_test")
         mb.add(list(test), lambda rid: (*mbv3_model(space, test[rid]), {}))
         mb.measure(dev, args.sessions)
-        loads["mbv3 measured"] = load()
+        loads["mbv3 measured"] = load_average()
         loads["mbv3 passes"] = mb.pass_loads()
         mrecs, Sm = mb.records(args.sessions)
         train_kernels = [
@@ -543,7 +594,7 @@ def main() -> None:
             throughput[name] = 10_000 / (time.perf_counter() - t)
         score("mbv3", Sm, preds, "kernel predictor")
 
-    loads["end"] = load()
+    loads["end"] = load_average()
     header = f"{'':<52} {'n':>4} {'±5%':>7} {'±10%':>7} {'RMSE ms':>8} {'MAPE%':>7} {'τ':>6}"
     print(header)
     for label, m in results.items():
