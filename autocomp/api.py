@@ -31,16 +31,23 @@ def measure(
     input_shape: tuple[int, ...] | None = None,
     threads: int = 1,
     profile: bool = False,
+    reference: bool = False,
 ) -> Measurement:
-    """Measure an ONNX file's latency on ``device`` (input shape read from the model if static)."""
+    """Measure an ONNX file's latency on ``device`` (input shape read from the model if static);
+    with ``reference``, at the host's calibrated speed (:mod:`autocomp.hardware.reference`)."""
     from autocomp import hardware
 
     path = Path(model)
     if not path.is_file():
         raise AutocompError(f"model file not found: {path}")
+    if reference and device != "cpu":
+        raise AutocompError("--reference times on the local cpu device only")
     onnx_model = hardware.load_onnx(path)
     shape = input_shape or hardware.static_input_shape(onnx_model, path)
-    return hardware.get_device(device, threads=threads).measure(onnx_model, shape, profile=profile)
+    timing = hardware.Timing(reference=reference)
+    return hardware.get_device(device, threads=threads, timing=timing).measure(
+        onnx_model, shape, profile=profile
+    )
 
 
 def measure_dataset(

@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  autocomp measure --model resnet18.onnx\n"
             "  autocomp measure --model m.onnx --input-shape 1,3,224,224 --threads 2 --json\n"
             "  autocomp measure --model m.onnx --device remote://127.0.0.1:8765 --profile\n"
+            "  autocomp measure --model m.onnx --reference   # at the host's calibrated speed\n"
             "  autocomp measure --generate 300 --device cpu --out data.jsonl"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -235,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="batch size of generated models. Example: --batch 4",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="for a shared host whose speed drifts: time a small reference model in alternation "
+        "with the model and report the latency at the speed the host had when the reference was "
+        "calibrated (first use; cached in $AUTOCOMP_CACHE/reference). cpu device, 1 thread. "
+        "Example: --reference",
     )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument(
@@ -684,6 +693,7 @@ def _measure(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         threads=args.threads,
         profile=args.profile,
+        reference=args.reference,
     )
     if args.json:
         _print_json(m.to_dict())

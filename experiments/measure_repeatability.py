@@ -17,6 +17,7 @@ models still slow down when neighbours evict the shared cache). Run from the rep
 
     python experiments/measure_repeatability.py            # 3-5 minutes on 2 cores
     python experiments/measure_repeatability.py --models resnet18 --runs 5
+    python experiments/measure_repeatability.py --reference   # also 'measure --reference'
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def export(name: str, folder: Path) -> Path:
     return path
 
 
-def cli_median(model: Path, device: str, env: dict[str, str]) -> float:
+def cli_median(model: Path, device: str, env: dict[str, str], *flags: str) -> float:
     """Median latency (ms) reported by one fresh ``autocomp measure --json`` process."""
     cmd = [sys.executable, "-m", "autocomp.cli", "measure", "--model", str(model), "--json"]
     proc = subprocess.run(
-        [*cmd, "--device", device], capture_output=True, text=True, env=env, check=False
+        [*cmd, "--device", device, *flags], capture_output=True, text=True, env=env, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"autocomp measure failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -88,22 +89,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
     parser.add_argument("--runs", type=int, default=5, help="processes per model and side")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time each model with 'autocomp measure --reference' in every round (the "
+        "reference is calibrated afresh, in a temporary cache, by the first such process)",
+    )
     args = parser.parse_args()
 
     env = {**os.environ, "AUTOCOMP_DEVICE_TOKEN": secrets.token_hex(16)}
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="autocomp-repeat-") as tmp:
+        env["AUTOCOMP_CACHE"] = str(Path(tmp) / "cache")
         paths = {name: export(name, Path(tmp)) for name in args.models}
         agent, remote = start_agent(env)
         try:
             for name, path in paths.items():
-                local, far = [], []
+                local, far, referenced = [], [], []
                 for run in range(args.runs):  # alternate which side goes first
-                    sides = [(local, "cpu"), (far, remote)]
-                    for medians, device in sides if run % 2 == 0 else sides[::-1]:
-                        medians.append(cli_median(path, device, env))
-                rows.append((name, local, far))
+                    sides = [(local, "cpu", ()), (far, remote, ())]
+                    if args.reference:
+                        sides.append((referenced, "cpu", ("--reference",)))
+                    for medians, device, flags in sides if run % 2 == 0 else sides[::-1]:
+                        medians.append(cli_median(path, device, env, *flags))
+                rows.append((name, local, far, referenced))
                 print(f"measured {name}", file=sys.stderr, flush=True)
         finally:
             agent.terminate()
@@ -112,18 +122,23 @@ def main() -> int:
     ok = True
     load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print(f"\nmachine: {os.cpu_count()} CPUs, 1-minute load average {load}")
-    print(f"\nRepeatability: {args.runs} separate 'autocomp measure --device cpu' processes")
-    print(f"{'model':<24}{'medians (ms)':<44}{'median':>9}{'max dev':>9}  ok (±5%)")
-    for name, local, _ in rows:
-        mid = statistics.median(local)
-        dev = max(abs(m - mid) for m in local) / mid
-        ok &= dev <= REPEAT_TOLERANCE
-        shown = " ".join(f"{m:7.3f}" for m in local)
-        print(f"{name:<24}{shown:<44}{mid:9.3f}{dev * 100:8.1f}%  {dev <= REPEAT_TOLERANCE}")
+    tables = [("", 1)] + ([(" --reference", 3)] if args.reference else [])
+    for flag, column in tables:
+        print(
+            f"\nRepeatability: {args.runs} separate 'autocomp measure --device cpu{flag}' processes"
+        )
+        print(f"{'model':<24}{'medians (ms)':<44}{'median':>9}{'max dev':>9}  ok (±5%)")
+        for row in rows:
+            name, medians = row[0], row[column]
+            mid = statistics.median(medians)
+            dev = max(abs(m - mid) for m in medians) / mid
+            ok &= dev <= REPEAT_TOLERANCE
+            shown = " ".join(f"{m:7.3f}" for m in medians)
+            print(f"{name:<24}{shown:<44}{mid:9.3f}{dev * 100:8.1f}%  {dev <= REPEAT_TOLERANCE}")
 
     print(f"\nRemote agent vs local cpu (median of {args.runs} processes each, interleaved)")
     print(f"{'model':<24}{'local (ms)':>11}{'remote (ms)':>12}{'ratio':>8}  ok (±10%)")
-    for name, local, far in rows:
+    for name, local, far, _ in rows:
         near_mid, far_mid = statistics.median(local), statistics.median(far)
         ratio = far_mid / near_mid
         good = abs(ratio - 1) <= REMOTE_TOLERANCE

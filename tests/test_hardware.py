@@ -15,7 +15,15 @@ from autocomp import cli, hardware
 from autocomp.errors import AutocompError
 from autocomp.hardware import Timing, get_device, load_onnx, static_input_shape
 from autocomp.hardware.ort_device import OrtDevice, node_times
-from autocomp.hardware.timing import BLOCK, cpu_model, steady, summarize, time_runs
+from autocomp.hardware.reference import calibration_path, nominal_ms, scaled
+from autocomp.hardware.timing import (
+    BLOCK,
+    cpu_model,
+    steady,
+    summarize,
+    time_alternating,
+    time_runs,
+)
 from autocomp.hardware.torch_device import NO_CUDA, TorchDevice
 
 #: Quick but still honest timing for tests: 30 samples of one session after a short warm-up.
@@ -111,6 +119,38 @@ def test_time_runs_counts_and_clocks():
     assert max(time_runs(lambda: time.sleep(0.002), quick, clock="thread")) < 1.0
     capped = Timing(warmup_runs=1, warmup_s=0.0, min_runs=30, min_s=10.0, max_runs=50)
     assert len(time_runs(lambda: None, capped)) == 50
+
+
+def test_reference_blocks_alternate_with_the_model_and_scale_it_to_the_calibrated_speed():
+    calls = []
+    quick = Timing(warmup_runs=2, warmup_s=0.0, min_runs=6, min_s=0.0)
+    samples, reference = time_alternating(
+        lambda: calls.append("m"), lambda: calls.append("r"), quick, clock="wall"
+    )
+    assert "".join(calls) == "mm" + "rr" + "mmmrrr" * 2  # warm-ups, then blocks of three
+    assert len(samples) == len(reference) == 6
+    # The host runs twice as slow during the second block: the reference sees it too.
+    model, ref = [2.0, 2.1, 1.9, 4.0, 4.2, 3.8], [1.0, 1.1, 1.2, 2.0, 2.2, 2.4]
+    np.testing.assert_allclose(scaled(model, ref, nominal=1.0), [2.0, 2.1, 1.9] * 2)
+
+
+def test_reference_timing_reads_its_calibration_from_the_cache(model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path / "cache"))
+    timing = replace(FAST, reference=True)
+    first = OrtDevice(timing=timing).measure(model_path, (1, 3, 32, 32))
+    assert first.info.extra == {"clock": "thread", "timing": "reference"}
+    path = calibration_path(first.info.profile)
+    calibration = json.loads(path.read_text())
+    assert calibration["nominal_ms"] > 0
+    # A host calibrated at half the speed: the same model reads about twice as slow.
+    path.write_text(json.dumps({**calibration, "nominal_ms": 2 * calibration["nominal_ms"]}))
+    again = OrtDevice(timing=timing).measure(model_path, (1, 3, 32, 32))
+    assert 1.4 < again.median_ms / first.median_ms < 2.8
+    path.write_text("{not json")
+    with pytest.raises(AutocompError, match=r"unreadable reference calibration .*delete it"):
+        nominal_ms(first.info.profile, b"model", lambda: 1.0)
+    with pytest.raises(AutocompError, match="reference timing needs the thread clock"):
+        OrtDevice(2, timing=timing)
 
 
 def test_batch_and_threads_reach_the_profile():
@@ -353,6 +393,10 @@ def test_cli_measure_json_and_profile(model_path, capsys):
         (["--model", "{tmp}/dynamic.onnx"], "input 'x' has dynamic shape (n,3,32,32)"),
         (["--model", "{tmp}/conv.onnx", "--device", "tpu"], "unknown device 'tpu'"),
         (["--model", "{tmp}/conv.onnx", "--input-shape", "1,3,8,8"], "does not fit"),
+        (
+            ["--model", "{tmp}/conv.onnx", "--reference", "--device", "torch-cpu"],
+            "--reference times on the local cpu device only",
+        ),
     ],
 )
 def test_cli_measure_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):

@@ -21,6 +21,7 @@ import platform
 import statistics
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ import onnxruntime as ort
 from autocomp.errors import AutocompError
 from autocomp.hardware.base import DeviceInfo, Measurement, OnnxModel
 from autocomp.hardware.onnx_io import model_source, one_line
-from autocomp.hardware.timing import DEFAULT_TIMING, Timing, cpu_model, summarize, time_runs
+from autocomp.hardware.reference import REFERENCE_SHAPE, nominal_ms, reference_model, scaled
+from autocomp.hardware.timing import (
+    DEFAULT_TIMING,
+    Timing,
+    cpu_model,
+    summarize,
+    time_alternating,
+    time_runs,
+)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -64,6 +73,10 @@ class OrtDevice:
         self.timing = timing
         self.clock = timing.resolve_clock(in_calling_thread=cuda is None and threads == 1)
         self.provider = CPU if cuda is None else CUDA
+        if timing.reference and self.clock != "thread":
+            raise AutocompError(
+                "reference timing needs the thread clock: the cpu device with one thread"
+            )
         if self.provider not in ort.get_available_providers():
             raise AutocompError(
                 f"this onnxruntime build has no {self.provider} (it has "
@@ -90,7 +103,10 @@ class OrtDevice:
             provider=self.provider,
             precisions=precisions,
             machine=platform.machine(),
-            extra={"clock": self.clock},
+            extra={
+                "clock": self.clock,
+                **({"timing": "reference"} if self.timing.reference else {}),
+            },
         )
 
     def measure(
@@ -123,7 +139,32 @@ class OrtDevice:
         feed = _random_feed(session, shape)
         _run_checked(session, feed)
         share = self.timing.per_session()
-        return time_runs(lambda: session.run(None, feed), share, clock=self.clock)
+        if not self.timing.reference:
+            return time_runs(lambda: session.run(None, feed), share, clock=self.clock)
+        ref_session = self._session(self._reference_bytes)
+        ref_feed = _random_feed(ref_session, REFERENCE_SHAPE)
+        samples, reference = time_alternating(
+            lambda: session.run(None, feed),
+            lambda: ref_session.run(None, ref_feed),
+            share,
+            clock=self.clock,
+        )
+        return scaled(samples, reference, self._nominal_ms)
+
+    @cached_property
+    def _reference_bytes(self) -> bytes:
+        return reference_model().SerializeToString()
+
+    @cached_property
+    def _nominal_ms(self) -> float:
+        """The reference's calibrated time on this host (cached; calibrated on first use by
+        timing it alone, as any model is timed)."""
+        plain = OrtDevice(self.threads, timing=replace(self.timing, reference=False))
+        return nominal_ms(
+            self.info.profile,
+            self._reference_bytes,
+            lambda: plain.measure(self._reference_bytes, REFERENCE_SHAPE).median_ms,
+        )
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()

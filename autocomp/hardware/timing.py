@@ -66,6 +66,9 @@ class Timing:
     max_runs: int = 2000
     clock: str = "auto"  # "auto" (see module doc), "wall" or "thread"
     sessions: int = 3  # fresh sessions the runs are split over, where the device has sessions
+    #: Scale the model's runs to the host's calibrated speed by a reference model timed in
+    #: alternation (:mod:`autocomp.hardware.reference`; one CPU thread only).
+    reference: bool = False
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS and self.clock != "auto":
@@ -96,36 +99,63 @@ DEFAULT_TIMING = Timing()
 SCREEN_TIMING = Timing(warmup_s=0.2, min_runs=20, min_s=0.4, sessions=1)
 
 
+#: Runs of the model, then of the reference, per block of :func:`time_alternating`.
+REFERENCE_BLOCK = 3
+
+
 def time_runs(
     run: Callable[[], object], timing: Timing = DEFAULT_TIMING, *, clock: str = "wall"
 ) -> list[float]:
     """Milliseconds of each timed call of ``run`` (which must block until its work is done)."""
+    return time_alternating(run, None, timing, clock=clock)[0]
+
+
+def time_alternating(
+    run: Callable[[], object],
+    reference: Callable[[], object] | None,
+    timing: Timing = DEFAULT_TIMING,
+    *,
+    clock: str = "wall",
+) -> tuple[list[float], list[float]]:
+    """Milliseconds of each timed call of ``run`` and, with a ``reference``, of the reference's
+    calls, timed in alternating blocks of :data:`REFERENCE_BLOCK` runs each (``run``'s first):
+    the reference sees the host at the same moments as the model
+    (:mod:`autocomp.hardware.reference`)."""
     now = CLOCKS[clock]
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        start = time.perf_counter()
-        n = 0
-        while True:
-            run()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if (n >= timing.warmup_runs and elapsed >= timing.warmup_s) or (
-                elapsed >= timing.max_warmup_s
-            ):
-                break
+        for warm in (run, reference):
+            if warm is None:
+                continue
+            start = time.perf_counter()
+            n = 0
+            while True:
+                warm()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if (n >= timing.warmup_runs and elapsed >= timing.warmup_s) or (
+                    elapsed >= timing.max_warmup_s
+                ):
+                    break
         samples: list[float] = []
+        references: list[float] = []
         total = 0.0
         while len(samples) < timing.max_runs and (
             len(samples) < timing.min_runs or total < timing.min_s
         ):
-            t0 = now()
-            run()
-            dt = (now() - t0) / 1e9
-            samples.append(dt * 1e3)
-            total += dt
-        return samples
+            for _ in range(REFERENCE_BLOCK if reference else 1):
+                t0 = now()
+                run()
+                dt = (now() - t0) / 1e9
+                samples.append(dt * 1e3)
+                total += dt
+            for _ in range(REFERENCE_BLOCK if reference else 0):
+                t0 = now()
+                reference()
+                references.append((now() - t0) / 1e6)
+        return samples, references
     finally:
         if gc_was_enabled:
             gc.enable()
