@@ -40,14 +40,18 @@ def measure(
     path = Path(model)
     if not path.is_file():
         raise AutocompError(f"model file not found: {path}")
-    if reference and device != "cpu":
-        raise AutocompError("--reference times on the local cpu device only")
+    _check_reference(reference, device)
     onnx_model = hardware.load_onnx(path)
     shape = input_shape or hardware.static_input_shape(onnx_model, path)
     timing = hardware.Timing(reference=reference)
     return hardware.get_device(device, threads=threads, timing=timing).measure(
         onnx_model, shape, profile=profile
     )
+
+
+def _check_reference(reference: bool, device: str) -> None:
+    if reference and device != "cpu":
+        raise AutocompError("--reference times on the local cpu device only")
 
 
 def measure_dataset(
@@ -60,8 +64,10 @@ def measure_dataset(
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
     batch: int = 1,
+    reference: bool = False,
 ) -> tuple[int, int]:
-    """Append measurements (generated CNNs or user models) to a latency dataset file.
+    """Append measurements (generated CNNs or user models) to a latency dataset file; with
+    ``reference``, latencies at the host's calibrated speed (as :func:`measure`).
 
     Returns (added, total records). Re-running skips what the file already holds.
     """
@@ -70,7 +76,9 @@ def measure_dataset(
 
     if out is None:
         raise AutocompError("--generate needs --out FILE (the JSONL dataset to append to)")
-    dev = hardware.get_device(device, threads=threads, timing=dataset.TIMING)
+    _check_reference(reference, device)
+    timing = replace(dataset.TIMING, reference=reference)
+    dev = hardware.get_device(device, threads=threads, timing=timing)
     if generate:
         added = dataset.measure_generated(dev, generate, out, seed=seed, batch=batch)
     else:

@@ -681,6 +681,7 @@ def _measure(args: argparse.Namespace) -> int:
             input_shape=args.input_shape,
             seed=args.seed,
             batch=args.batch,
+            reference=args.reference,
         )
         if args.json:
             _print_json({"out": args.out, "added": added, "records": total})

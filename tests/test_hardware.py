@@ -397,6 +397,10 @@ def test_cli_measure_json_and_profile(model_path, capsys):
             ["--model", "{tmp}/conv.onnx", "--reference", "--device", "torch-cpu"],
             "--reference times on the local cpu device only",
         ),
+        (
+            ["--generate", "2", "--out", "{tmp}/d.jsonl", "--reference", "--device", "torch-cpu"],
+            "--reference times on the local cpu device only",
+        ),
     ],
 )
 def test_cli_measure_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
