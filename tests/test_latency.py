@@ -598,17 +598,25 @@ def test_a_shipped_predictor_wins_over_an_adaptation_cached_before_it_shipped(
 
 def test_transfer_prior_is_the_shipped_predictor_of_the_same_processor(tmp_path, monkeypatch):
     """Transfer to 2 threads on a host with a shipped 1-thread predictor pools that one's
-    measurements; on an unknown host any shipped predictor serves as the prior."""
+    measurements; on an unknown host the prior is the shipped predictor whose own data
+    cross-validate best, whatever its name."""
     mine, other = replace(INFO, processor="CPU B"), replace(INFO, processor="CPU A")
-    for info in (other, mine, replace(mine, threads=4)):
+    for info, cv in ((other, 60.0), (mine, 80.0), (replace(mine, threads=4), 90.0)):
         (tmp_path / info.profile).mkdir()
         (tmp_path / info.profile / store.PREDICTOR_FILE).write_bytes(b"")
+        provenance = {"cross_validated_5_fold": {"within_10_pct": cv}}
+        (tmp_path / info.profile / "provenance.json").write_text(json.dumps(provenance))
     monkeypatch.setattr(store, "builtin_dir", lambda: tmp_path)
     chosen = store.default_predictor_path(replace(mine, threads=2, batch=4))
     assert chosen == tmp_path / mine.profile / store.PREDICTOR_FILE
+    best = tmp_path / mine.profile / store.PREDICTOR_FILE  # 80% against CPU A's 60%
+    assert store.default_predictor_path(replace(INFO, processor="CPU C")) == best
+    assert store.default_predictor_path() == best
+    (tmp_path / mine.profile / "provenance.json").write_text("{}")  # unknown: ranked last
     first = tmp_path / other.profile / store.PREDICTOR_FILE
     assert store.default_predictor_path(replace(INFO, processor="CPU C")) == first
-    assert store.default_predictor_path() == first
+    # Its own processor's predictor serves a host even where another's data are cleaner.
+    assert store.default_predictor_path(replace(mine, threads=2)) == best
 
 
 def test_dataset_times_models_in_passes_and_keeps_each_kernels_fastest_time(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ default with ≤ 30 measurements on that device and cached; otherwise it is an e
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from importlib import resources
@@ -46,14 +47,24 @@ def builtin_profiles() -> list[str]:
 def default_predictor_path(device_info: DeviceInfo | None = None) -> Path:
     """The shipped predictor used as the prior for transfer (ORT CPU, 1 thread, batch 1): the one
     of ``device_info``'s processor and runtime where one is shipped, since transfer can then pool
-    its measurements (:mod:`~autocomp.latency.transfer`), else the first shipped."""
+    its measurements (:mod:`~autocomp.latency.transfer`), else the one whose own data
+    cross-validate best (``provenance.json``): its kernel shapes are the least blurred by its
+    host's noise, and across CPUs only the shapes carry over."""
     profiles = [p for p in builtin_profiles() if p.endswith("_t1_b1")] or builtin_profiles()
     if not profiles:
         raise AutocompError("this autocomp installation ships no latency predictor")
-    if device_info is not None:
-        same_host = replace(device_info, threads=1, batch=1).profile
-        profiles = sorted(profiles, key=lambda p: p != same_host)
+    same_host = replace(device_info, threads=1, batch=1).profile if device_info else None
+    profiles.sort(key=lambda p: (p != same_host, -_cross_validated_within_10(p)))
     return builtin_dir() / profiles[0] / PREDICTOR_FILE
+
+
+def _cross_validated_within_10(profile: str) -> float:
+    """% within ±10% of a shipped predictor cross-validated on its own data; 0 when unknown."""
+    try:
+        provenance = json.loads((builtin_dir() / profile / "provenance.json").read_text())
+        return float(provenance["cross_validated_5_fold"]["within_10_pct"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def find_predictor(profile: str) -> Path | None:
