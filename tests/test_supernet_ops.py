@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_spaces import TINY, tiny_space
 from torch import nn
 
+from autocomp.quant import fake
 from autocomp.quant.fake import ActQuant, act_qparams, fake_quant_weight
 from autocomp.supernet.bn import recalibrate_bn
 from autocomp.supernet.ops import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear
@@ -68,7 +69,9 @@ def test_quantization_switch_changes_only_low_bit_layers(space):
         fp32_on = net.set_active(c)(x)
         fp32_off = net.set_quantization(False)(x)
     assert torch.equal(fp, fp32_off) and torch.equal(fp32_on, fp32_off)
-    assert 1e-4 < (q - fp).abs().max().item() < 0.5 * fp.abs().max().item()
+    # Quantization moves the output, by less than the output itself (on an AVX2-only CPU, whose
+    # int8 weights have 7 bits, the tiny supernet's largest logit moves by 56% of its size).
+    assert 1e-4 < (q - fp).abs().max().item() < fp.abs().max().item()
     model = space.build(int8, net.set_quantization(True))
     assert all(m.quantize for m in model.modules() if hasattr(m, "quantize"))
 
@@ -176,17 +179,24 @@ def test_dynamic_batchnorm_updates_only_the_active_slice(momentum):
     torch.testing.assert_close(dyn(x), ref(x))
 
 
-def test_weight_fake_quant_is_per_channel_symmetric_int8_with_straight_through_grad():
+@pytest.mark.parametrize("reduced", [False, True])
+def test_weight_fake_quant_is_per_channel_symmetric_int8_with_straight_through_grad(
+    reduced, monkeypatch
+):
+    # Without VNNI, ONNX Runtime's int8 kernels need 7-bit weights (reduce_range): [-64, 64].
+    monkeypatch.setattr(fake, "reduced_int8_weights", lambda: reduced)
+    qmax = 64 if reduced else 127
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     q = fake_quant_weight(w)
-    scale = w.detach().abs().flatten(1).amax(1) / 127
+    scale = w.detach().abs().flatten(1).amax(1) / qmax
     steps = q.detach() / scale.view(-1, 1, 1, 1)
     torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
-    assert steps.abs().max() <= 127 + 1e-4
+    assert steps.abs().max() <= qmax + 1e-4
+    assert sorted(steps.abs().amax((1, 2, 3)).round().tolist()) == [qmax] * 4
     assert (q - w).abs().max() <= scale.max() / 2 + 1e-6
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
-    four = fake_quant_weight(w.detach(), bits=4) / (scale * 127 / 7).view(-1, 1, 1, 1)
+    four = fake_quant_weight(w.detach(), bits=4) / (scale * qmax / 7).view(-1, 1, 1, 1)
     torch.testing.assert_close(four, four.round(), atol=1e-4, rtol=0)
     assert sorted(four.abs().amax((1, 2, 3)).round().tolist()) == [7.0] * 4
 

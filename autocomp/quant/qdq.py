@@ -23,6 +23,7 @@ from onnxruntime.quantization import (
 )
 
 from autocomp.errors import AutocompError
+from autocomp.quant.fake import reduced_int8_weights
 
 #: Op types whose int8 variants ONNX Runtime runs fast on CPU: the per-layer bit choices.
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -107,6 +108,7 @@ def quantize_nodes(
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                reduce_range=reduced_int8_weights(),  # the fake quantizers' grid
                 extra_options={"TensorQuantOverrides": _overrides(fixed_qparams or {})},
             )
         except Exception as err:
