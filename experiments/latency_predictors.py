@@ -277,6 +277,11 @@ def prior_model_part(adapted: KernelPredictor, prior: KernelPredictor) -> Kernel
     return mixed
 
 
+def fit_on(records: list[dict]) -> KernelPredictor:
+    """A kernel predictor fitted on a transfer's few measurements alone: what the prior adds."""
+    return KernelPredictor(min_samples=10, normalize=profiled(records)).fit(*kernel_inputs(records))
+
+
 def level(S: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     """Where measured latencies (models x sessions) lie against the prior's predictions: medians
     over the models. A host whose speed changes between measurements shows it here first."""
@@ -409,19 +414,15 @@ def main() -> None:
     other_cpus = {
         profile: load(builtin_dir() / profile / PREDICTOR_FILE)
         for profile in builtin_profiles()
-        if profile.endswith("_t1_b1") and profile != dev.info.profile
+        if profile.endswith("_t1_b1") and profile != dev.info.profile and "cpu" not in skip
     }
-    if other_cpus and "cpu" not in skip:
+    if other_cpus:
         measure_generated(dev, TRANSFER_SAMPLES, out / "cpu_fit.jsonl", seed=TRANSFER_SEED)
         cpu_fit = read_records(out / "cpu_fit.jsonl")[:TRANSFER_SAMPLES]
         measure_generated(dev, 100, out / "cpu_more.jsonl", seed=2000)
         cpu_more = cpu_fit + read_records(out / "cpu_more.jsonl")[:100]
         loads["cpu fitting models measured"] = load_average()
-        cpu_predictors = {
-            f"kernel predictor fit on the {len(cpu_fit)} only": KernelPredictor(
-                min_samples=10, normalize=profiled(cpu_fit)
-            ).fit(*kernel_inputs(cpu_fit))
-        }
+        cpu_predictors = {f"kernel predictor fit on the {len(cpu_fit)} only": fit_on(cpu_fit)}
         for prior in other_cpus.values():
             name = prior.device.processor if prior.device else "unknown CPU"
             cpu_predictors |= {
@@ -432,7 +433,7 @@ def main() -> None:
 
     def score_other_cpus(part: str, S: np.ndarray, models: list[list[Kernel]]) -> None:
         """Each other CPU's predictor, as is and transferred, against ``part``'s truths here."""
-        if not other_cpus or "cpu" in skip:
+        if not other_cpus:
             return
         for name, predictor in cpu_predictors.items():
             predicted = predictor.predict(models)
@@ -516,13 +517,12 @@ def main() -> None:
         models_t = kernel_inputs(held_t)[0]
         # Where each set's latencies lie against one yardstick, the prior's predictions: a
         # transfer learns the level of its fitting models, and is scored on the fastest session.
-        fit_models, fit_y, fit_times = kernel_inputs(fit)
+        fit_models, fit_y, _ = kernel_inputs(fit)
         prior_t = kp.predict(models_t)
         levels[part] = {
             "fitting models": float(np.median(fit_y / kp.predict(fit_models))),
             **level(S_t, prior_t),
         }
-        only30 = KernelPredictor(min_samples=10, normalize=profiled(fit))
         adapted = adapt(kp, fit, train)
         micro = ho.kernel_times(held_t, models_t, threads=threads)
         score(
@@ -539,9 +539,7 @@ def main() -> None:
                 "pooled fit, its per-model part not refitted": pooled_fit(kp, fit, train).predict(
                     models_t
                 ),
-                "kernel predictor fit on the 30 only": only30.fit(
-                    fit_models, fit_y, fit_times
-                ).predict(models_t),
+                "kernel predictor fit on the 30 only": fit_on(fit).predict(models_t),
                 "transfer from 130 measurements": adapt(kp, more, train).predict(models_t),
             },
             "transfer from 30 measurements",

@@ -18,6 +18,8 @@ def get_device(spec: str, *, threads: int = 1, timing: Timing = DEFAULT_TIMING) 
     ``timing`` sets warm-up and repeats of local devices. A remote agent uses its own settings.
     """
     text = spec.strip()
+    if timing.reference and text != "cpu":
+        raise AutocompError("--reference times on the local cpu device only")
     if text == "cpu":
         from autocomp.hardware.ort_device import OrtDevice
 

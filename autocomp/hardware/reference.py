@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from autocomp.cache import cache_root
 from autocomp.errors import AutocompError
 from autocomp.hardware.timing import REFERENCE_BLOCK
 
@@ -97,8 +97,7 @@ def reference_model() -> onnx.ModelProto:
 
 
 def calibration_path(profile: str) -> Path:
-    root = os.environ.get("AUTOCOMP_CACHE") or Path.home() / ".cache" / "autocomp"
-    return Path(root) / "reference" / f"{profile}.json"
+    return cache_root() / "reference" / f"{profile}.json"
 
 
 def nominal_ms(profile: str, reference: bytes, calibrate: Callable[[], float]) -> float:

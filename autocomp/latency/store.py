@@ -11,11 +11,11 @@ default with ≤ 30 measurements on that device and cached; otherwise it is an e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+from autocomp.cache import cache_root
 from autocomp.errors import AutocompError
 from autocomp.hardware.base import Device, DeviceInfo
 from autocomp.latency.predictors import KernelPredictor, OutdatedPredictorError, _Predictor, load
@@ -28,9 +28,8 @@ TRANSFER_SEED = 1000
 
 
 def cache_dir() -> Path:
-    """User cache of adapted predictors: ``$AUTOCOMP_CACHE`` or ``~/.cache/autocomp``."""
-    root = os.environ.get("AUTOCOMP_CACHE") or Path.home() / ".cache" / "autocomp"
-    return Path(root) / "predictors"
+    """User cache of adapted predictors: :func:`~autocomp.cache.cache_root`/predictors."""
+    return cache_root() / "predictors"
 
 
 def builtin_dir() -> Path:
