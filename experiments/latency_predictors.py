@@ -40,6 +40,10 @@ fastest of six sessions lies a few percent below the fastest of two, which the p
 trained on fastest-of-two, cannot know. The kernel predictor is also cross-validated (5 folds)
 on its own training set, which was measured in one stretch: truths of its own hour.
 
+``--reference`` times every 1-thread measurement (truths, transfer sets) at the host's calibrated
+speed (:mod:`autocomp.hardware.reference`), against a training set measured the same way with the
+same calibration: what predictors and floors reach once the host's drift is taken out.
+
 Every measurement is appended to a resumable JSONL file under --out, so an interrupted run
 continues. Run: ``.venv/bin/python experiments/latency_predictors.py --out runs/latency-bench-v6``
 """
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -124,6 +129,10 @@ MICRO = "per-model part on micro-benchmarked kernel times"
 TRUTH_TIMING = Timing(
     warmup_runs=3, warmup_s=0.2, max_warmup_s=2.0, min_runs=10, min_s=0.5, sessions=1
 )
+
+
+def reference_timed(record: dict) -> bool:
+    return record["device"].get("extra", {}).get("timing") == "reference"
 
 
 def load_average() -> str:
@@ -322,13 +331,22 @@ def main() -> None:
     ap.add_argument("--arch-test", type=int, default=20, help="mbv3 candidates, measured")
     ap.add_argument("--res", type=int, default=224, help="timm input resolution")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: timm,b4,t2,mbv3,cpu")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="time every 1-thread measurement at the host's calibrated speed "
+        "(autocomp.hardware.reference); --train must be a reference-timed set measured with the "
+        "same calibration ($AUTOCOMP_CACHE)",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # see generator.one_torch_thread
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = get_device("cpu", threads=1, timing=TRUTH_TIMING)
+    dev = get_device(
+        "cpu", threads=1, timing=dataclasses.replace(TRUTH_TIMING, reference=args.reference)
+    )
     t0 = time.time()
     loads: dict[str, object] = {"start": load_average()}
 
@@ -339,6 +357,11 @@ def main() -> None:
             "(autocomp measure --device cpu --generate 600 --out FILE) and pass --train FILE"
         )
     train = read_records(train_path)
+    if any(reference_timed(r) != args.reference for r in train):
+        raise SystemExit(
+            f"{train_path} mixes timings or does not match --reference: every record must be "
+            + ("reference-timed" if args.reference else "plainly timed")
+        )
     t_fit = time.time()
     kp = KernelPredictor(normalize=profiled(train), device=dev.info).fit(*kernel_inputs(train))
     fit_s = time.time() - t_fit
@@ -616,6 +639,7 @@ def main() -> None:
                 "n_train": len(train),
                 "fit_s": fit_s,
                 "sessions": args.sessions,
+                "reference_timing": args.reference,
                 "load_averages": loads,
                 "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },
