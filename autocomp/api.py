@@ -208,6 +208,7 @@ def search(
     workers: int = 2,
     measure_every: int = 0,
     threads: int = 1,
+    reference: bool = False,
     allow_over_budget: bool = False,
     progress: bool = True,
 ) -> Result:
@@ -219,12 +220,13 @@ def search(
     as measured, the latency model is corrected with that measurement and another candidate is
     chosen (at most ``REPAIR_ROUNDS`` times); a model that still misses is returned with
     ``meets_budget=False`` (the CLI then exits non-zero unless ``--allow-over-budget``).
+    With ``reference``, every latency is timed at the host's calibrated speed
+    (:mod:`autocomp.hardware.reference`; for a shared host whose speed drifts).
     """
     import numpy as np
     import torch
 
     from autocomp import data as data_specs
-    from autocomp import hardware
     from autocomp.search import CostModel, choice, run_search, seeding
     from autocomp.supernet.train import calibration_batches, evaluate_subnet
 
@@ -235,7 +237,7 @@ def search(
         with clock("validate"):
             budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
             effort = Effort.of(quick)
-            dev = hardware.get_device(device, threads=threads)
+            dev, screener = _devices(device, threads, reference)
             dataset = data_specs.load(data)
             space_obj = space_for(space, dataset)
             run_dir = _run_dir(out, space_obj.name, budget, resume)
@@ -253,7 +255,7 @@ def search(
 
             latency = SpaceLatency.fit(
                 space_obj,
-                hardware.get_device(device, threads=threads, timing=hardware.SCREEN_TIMING),
+                screener,
                 _to_onnx(space_obj, bn_batches),
                 effort.latency_samples,
                 seed=seed,
@@ -382,6 +384,7 @@ def compress(
     epochs: int | None = None,
     storage: str | None = None,
     threads: int = 1,
+    reference: bool = False,
     allow_over_budget: bool = False,
     progress: bool = True,
 ) -> Result:
@@ -402,7 +405,7 @@ def compress(
     policies that meet the budget as verification times them are finetuned beside the widest
     uniform policy per precision that does (:func:`~autocomp.search.seeding.uniform_baselines`),
     the most accurate on validation afterwards is shipped, and a model that misses the budget as
-    measured is replaced (at most ``REPAIR_ROUNDS`` rounds).
+    measured is replaced (at most ``REPAIR_ROUNDS`` rounds). ``reference`` as in ``search``.
 
     Selection uses ``data``'s validation split ``validation_split(0.2)``, the same whatever
     ``seed``: train ``model`` on that split's ``x_train`` so that it has not seen those images.
@@ -410,7 +413,6 @@ def compress(
     import numpy as np
     import torch
 
-    from autocomp import hardware
     from autocomp.prune.deploy import export_policy
     from autocomp.prune.finish import agreement, finish, score
     from autocomp.prune.latency import MODES, PolicyLatency
@@ -444,7 +446,7 @@ def compress(
                 raise AutocompError(
                     f"unknown importance {importance!r}; use one of {', '.join(IMPORTANCES)}"
                 )
-            dev = hardware.get_device(device, threads=threads)
+            dev, screener = _devices(device, threads, reference)
             net, name, dataset, r, trained = _compress_inputs(
                 model, data, weights, example_input, resolution, seed
             )
@@ -488,7 +490,7 @@ def compress(
             )
             lat = PolicyLatency(
                 space_obj,
-                hardware.get_device(device, threads=threads, timing=hardware.SCREEN_TIMING),
+                screener,
                 bn_batches[0][:8],
                 mode=latency,
                 predictor=_kernel_predictor(dev, progress) if latency == "predict" else None,
@@ -814,6 +816,18 @@ def _policy_space(name, pruner, net, resolution, channels, keep_ratios, bits, pr
         prune=pruner.unsupported is None,
     )
     return space, notes
+
+
+def _devices(device: str, threads: int, reference: bool) -> tuple[Any, Any]:
+    """The device as verification times it, and as screening many candidates does (shorter)."""
+    from autocomp import hardware
+
+    return (
+        hardware.get_device(device, threads=threads, timing=hardware.Timing(reference=reference)),
+        hardware.get_device(
+            device, threads=threads, timing=replace(hardware.SCREEN_TIMING, reference=reference)
+        ),
+    )
 
 
 def _kernel_predictor(dev, progress: bool):

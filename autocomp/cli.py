@@ -67,6 +67,13 @@ THREADS_HELP = (
     "intra-op threads used for timing (default 1: stable, comparable). Example: --threads 2"
 )
 
+REFERENCE_HELP = (
+    "for a shared host whose speed drifts: time a small reference model in alternation with "
+    "each model and report latencies at the speed the host had when the reference was "
+    "calibrated (first use; cached in $AUTOCOMP_CACHE/reference). cpu device, 1 thread. "
+    "Example: --reference"
+)
+
 
 def _add_target_options(p: argparse.ArgumentParser) -> None:
     """What a run aims at, shared by ``search`` and ``compress``: budget, device, data."""
@@ -82,6 +89,7 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
 def _add_outcome_options(p: argparse.ArgumentParser) -> None:
     """How a run executes and reports, shared by ``search`` and ``compress``."""
     p.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     p.add_argument(
         "--allow-over-budget",
         action="store_true",
@@ -237,14 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="batch size of generated models. Example: --batch 4",
     )
-    p.add_argument(
-        "--reference",
-        action="store_true",
-        help="for a shared host whose speed drifts: time a small reference model in alternation "
-        "with the model and report the latency at the speed the host had when the reference was "
-        "calibrated (first use; cached in $AUTOCOMP_CACHE/reference). cpu device, 1 thread. "
-        "Example: --reference",
-    )
+    p.add_argument("--reference", action="store_true", help=REFERENCE_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument(
         "--input-shape",
@@ -607,6 +608,7 @@ def _compress(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         storage=args.storage,
         threads=args.threads,
+        reference=args.reference,
         allow_over_budget=args.allow_over_budget,
         progress=not args.json,
     )
@@ -664,6 +666,7 @@ def _search(args: argparse.Namespace) -> int:
         workers=args.workers,
         measure_every=args.measure_every,
         threads=args.threads,
+        reference=args.reference,
         allow_over_budget=args.allow_over_budget,
         progress=not args.json,
     )

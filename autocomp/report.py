@@ -65,7 +65,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     measured = lat.get("measured")
     rows = [
         ("budget", ", ".join(f"{k} ≤ {_fmt(v)}" for k, v in budget.items()) or "none"),
-        ("device", report.get("device", {}).get("profile", "?")),
+        ("device", _device(report.get("device", {}))),
         ("meets budget", "yes" if report.get("meets_budget") else "NO"),
         ("accuracy (torch)", _pct(acc.get("torch"))),
         ("accuracy (ONNX)", _pct(acc.get("onnx"))),
@@ -79,6 +79,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         (f"time: {stage}", f"{sec:.1f} s") for stage, sec in report.get("timings_s", {}).items()
     ]
     return rows
+
+
+def _device(info: dict[str, Any]) -> str:
+    timing = info.get("extra", {}).get("timing")
+    return info.get("profile", "?") + (f" ({timing} timing)" if timing else "")
 
 
 def _pareto_png(report: dict[str, Any]) -> bytes:

@@ -49,10 +49,23 @@ def test_commands_have_examples_in_help():
         (["measure", "--model", "m.onnx", "--input-shape", "1,a"], "not like 1,3,224,224"),
         (["device", "serve", "--port", "70000"], "above 65535"),
         (["search", "--budget", "5ms", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["search", "--budget", "5ms", "--device", "torch-cpu", "--reference", "--out", "{t}"],
+            "--reference times on the local cpu device only",
+        ),
+        (
+            [
+                *["compress", "--model", "timm:resnet18", "--budget", "5ms"],
+                *["--device", "torch-cpu", "--reference", "--out", "{t}"],
+            ],
+            "--reference times on the local cpu device only",
+        ),
     ],
 )
-def test_usage_errors_are_one_line(argv, phrase, capsys):
-    assert cli.main(argv) == 2
+def test_usage_errors_are_one_line(argv, phrase, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main([a.format(t=run) for a in argv]) == 2
+    assert not run.exists()
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("autocomp: error: ")

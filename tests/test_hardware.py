@@ -13,7 +13,7 @@ from onnx_models import conv_net, embedding, fails_at_run, two_inputs
 
 from autocomp import cli, hardware
 from autocomp.errors import AutocompError
-from autocomp.hardware import Timing, get_device, load_onnx, static_input_shape
+from autocomp.hardware import Timing, get_device, load_onnx, ort_device, static_input_shape
 from autocomp.hardware.ort_device import OrtDevice, node_times
 from autocomp.hardware.reference import calibration_path, nominal_ms, scaled
 from autocomp.hardware.timing import (
@@ -136,6 +136,7 @@ def test_reference_blocks_alternate_with_the_model_and_scale_it_to_the_calibrate
 
 def test_reference_timing_reads_its_calibration_from_the_cache(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ort_device, "CALIBRATION_TIMING", FAST)
     timing = replace(FAST, reference=True)
     first = OrtDevice(timing=timing).measure(model_path, (1, 3, 32, 32))
     assert first.info.extra == {"clock": "thread", "timing": "reference"}

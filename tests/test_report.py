@@ -41,6 +41,10 @@ def test_report_cli_summary_and_errors(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "latency measured     4.300 ms" in out and "meets budget         yes" in out
+    assert f"device               {REPORT['device']['profile']}\n" in out
+    write_report(tmp_path, REPORT | {"device": {"profile": "p", "extra": {"timing": "reference"}}})
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert "device               p (reference timing)\n" in capsys.readouterr().out
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "no report.json in" in capsys.readouterr().err
     (tmp_path / "report.json").write_text("{truncated")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,6 +104,10 @@ def test_cache_key_follows_what_shapes_the_networks(tmp_path):
     assert base != default_cache(tiny_space("mbv3", tmp_path, in_channels=1), device)
     assert base != default_cache(tiny_space("mbv3", tmp_path, num_classes=4), device)
     assert INFO.profile in str(base)
+    # Reference-timed latencies (at a calibrated speed) never mix with plain ones.
+    device.info = dataclasses.replace(INFO, extra={"clock": "thread", "timing": "reference"})
+    assert device.info.profile == INFO.profile
+    assert base != default_cache(tiny_space("mbv3", tmp_path), device)
 
 
 class SkewedDevice(FakeDevice):

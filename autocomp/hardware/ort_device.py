@@ -32,7 +32,13 @@ import onnxruntime as ort
 from autocomp.errors import AutocompError
 from autocomp.hardware.base import DeviceInfo, Measurement, OnnxModel
 from autocomp.hardware.onnx_io import model_source, one_line
-from autocomp.hardware.reference import REFERENCE_SHAPE, nominal_ms, reference_model, scaled
+from autocomp.hardware.reference import (
+    CALIBRATION_TIMING,
+    REFERENCE_SHAPE,
+    nominal_ms,
+    reference_model,
+    scaled,
+)
 from autocomp.hardware.timing import (
     DEFAULT_TIMING,
     Timing,
@@ -158,8 +164,9 @@ class OrtDevice:
     @cached_property
     def _nominal_ms(self) -> float:
         """The reference's calibrated time on this host (cached; calibrated on first use by
-        timing it alone, as any model is timed)."""
-        plain = OrtDevice(self.threads, timing=replace(self.timing, reference=False))
+        timing it alone as ``autocomp measure`` times a model, whatever this device's timing:
+        a short screening measurement could catch a slow stretch and bias every later one)."""
+        plain = OrtDevice(self.threads, timing=replace(CALIBRATION_TIMING, clock=self.clock))
         return nominal_ms(
             self.info.profile,
             self._reference_bytes,

@@ -34,10 +34,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from autocomp.cache import cache_root
 from autocomp.errors import AutocompError
-from autocomp.hardware.timing import REFERENCE_BLOCK
+from autocomp.hardware.timing import DEFAULT_TIMING, REFERENCE_BLOCK
 
 #: The reference's input shape.
 REFERENCE_SHAPE = (1, 3, 128, 128)
+#: How the reference is calibrated, whatever timing the device that needs it uses.
+CALIBRATION_TIMING = DEFAULT_TIMING
 
 
 def reference_model() -> onnx.ModelProto:

@@ -227,13 +227,17 @@ def structure(space: Any, candidates: Sequence[Any]) -> np.ndarray:
 def default_cache(space: Any, device: Device) -> Path:
     """``<cache>/<profile>/space-<name>-<hash>.jsonl``, the hash covering everything that shapes
     the deployed networks: the YAML, its choices as restricted for the data (resolutions), and
-    the input channels and classes, and the measurement :data:`PROTOCOL`."""
+    the input channels and classes, and the measurement :data:`PROTOCOL` (and reference timing:
+    its latencies are at the host's calibrated speed, not comparable with plain ones)."""
     source = Path(space.source)
     if not source.is_file():  # a built-in space: its YAML is package data
         source = Path(str(resources.files("autocomp.builtin_spaces").joinpath(space.source)))
     digest = hashlib.sha1(source.read_bytes())
     shape = [space.in_channels, space.num_classes, [(p.name, p.choices) for p in space.params]]
-    digest.update(repr([shape, PROTOCOL]).encode())
+    protocol = PROTOCOL
+    if device.info.extra.get("timing") == "reference":  # latencies at a calibrated speed
+        protocol += ", reference"
+    digest.update(repr([shape, protocol]).encode())
     return cache_dir() / device.info.profile / f"space-{space.name}-{digest.hexdigest()[:12]}.jsonl"
 
 
