@@ -319,7 +319,9 @@ def search(
                     among, latency, budget, tried, shortlist, len(val_split[1])
                 )
 
-            contenders = choice.contenders(choose, found.trials, baselines, latency, budget)
+            contenders = choice.contenders(
+                choose, found.trials, baselines, latency, budget, nested=True
+            )
 
         @_once_per_candidate
         def finetune(candidate, record):

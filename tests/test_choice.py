@@ -5,6 +5,7 @@ import numpy as np
 
 from autocomp.budget import Budget
 from autocomp.search import choice, seeding
+from autocomp.spaces.candidate import Candidate
 from tests.tiny_spaces import tiny_space
 
 
@@ -235,6 +236,41 @@ def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_dec
     loss[c.key()] = 0.3
     assert choice.arbitrate(contenders, finetune, 100, prefer="loss")[0]["number"] == 2
     assert choice.arbitrate(contenders, finetune, EXACT, prefer="loss")[0]["number"] == 5
+
+
+def test_a_subnet_of_a_contender_at_no_more_bits_is_not_finetuned(tmp_path):
+    space = tiny_space("mbv3", tmp_path)
+    full, twin = seeding.uniform_scalings(space, 32)[0], seeding.uniform_scalings(space, 8)[0]
+    small = space.sample(np.random.default_rng(2))
+    assert twin.within(full) and small.within(full) and full.within(full)
+    assert not full.within(twin) and not full.within(small)
+    lower = Candidate.from_dict(full.to_dict() | {"resolution": full.resolution // 2})
+    assert lower.within(full) and not full.within(lower)
+    # The int8 twin ranks first; every candidate fits, so the budget does not bind.
+    rows = [(twin, 0.99), (full, 0.98), (small, 0.97)]
+    trials = [
+        {"number": i, "accuracy": acc, "candidate": x.to_dict(), "macs": 1, "flops": 2}
+        for i, (x, acc) in enumerate(rows)
+    ]
+    every = {x.key(): 0.5 for x in (full, twin, small, lower)}
+    latency = KnownLatency(every, every)
+    budget = Budget.parse("1ms")
+
+    def choose(tried, among=trials):
+        return choice.measured_choice(among, latency, budget, tried, [], EXACT)
+
+    plain = choice.contenders(choose, trials, [full], latency, budget)
+    assert [r["number"] for r in plain] == [0, 1]
+    assert choice.contenders(choose, trials, [], latency, budget) == plain
+    # The full network contains the others: it alone is finetuned, picked first where it is a
+    # baseline, and second where it is not, the first (its int8 twin) being within it.
+    for baselines in ([full], []):
+        nested = choice.contenders(choose, trials, baselines, latency, budget, nested=True)
+        assert [r["number"] for r in nested] == [1]
+    # The lowest resolution's full network and the int8 twin hold neither the other.
+    trials[2]["candidate"] = lower.to_dict()
+    picks = choice.contenders(choose, trials[::2], [twin], latency, budget, nested=True)
+    assert [r["number"] for r in picks] == [0, 2]
 
 
 def test_the_widest_fitting_scaling_is_found_by_bisection():

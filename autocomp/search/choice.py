@@ -26,8 +26,12 @@ Trial = dict[str, Any]
 SHORTLIST = 12
 
 
+def _candidate(row: Trial) -> Candidate:
+    return Candidate.from_dict(row["candidate"])
+
+
 def _key(row: Trial) -> str:
-    return Candidate.from_dict(row["candidate"]).key()
+    return _candidate(row).key()
 
 
 def evaluated(trials: list[Trial], tried: Collection[str] = ()) -> list[Trial]:
@@ -118,6 +122,7 @@ def contenders(
     baselines: list[Candidate],
     latency: Any,
     budget: Budget,
+    nested: bool = False,
 ) -> list[Trial]:
     """What :func:`arbitrate` finetunes: the first ``CONTENDERS`` candidates ``choose(tried,
     among=trials)`` gives that meet the budget as measured (the first may rest on the corrected
@@ -125,17 +130,35 @@ def contenders(
     the candidates predicted to use at least ``FILLS`` of it (inherited scores undervalue the
     larger networks that the finetune lifts most); then every baseline among the evaluated
     trials (:func:`~autocomp.search.seeding.search_seeds`; each met the budget when it was
-    measured, or by exact terms)."""
+    measured, or by exact terms).
+
+    With ``nested`` (a supernet's subnets), a candidate that is a subnet of another contender or
+    baseline at no more bits (:meth:`Candidate.within`) is not a contender: once both meet the
+    budget it cannot be expected to be the more accurate, and finetuning it only costs time
+    (where the budget does not bind, the largest network, a seed, contains every other). The
+    seeds' rule (:func:`~autocomp.search.seeding.search_seeds`), for every contender.
+    ``compress`` keeps them: its contenders' accuracy hardly follows their keep ratios
+    (:func:`arbitrate`)."""
     by_key = {_key(t): t for t in evaluated(trials)}
+    bases = [by_key[b.key()] for b in baselines if b.key() in by_key]
     picks: list[Trial] = []
+
+    def contained(row: Trial, among: list[Trial]) -> bool:
+        candidate = _candidate(row)
+        return nested and any(
+            _key(o) != candidate.key() and candidate.within(_candidate(o)) for o in among
+        )
+
     while len(picks) < CONTENDERS:
-        row = choose([_key(r) for r in picks])
+        tried = [_key(r) for r in picks]
+        among = [t for t in trials if not contained(t, picks + bases)]
+        row = choose(tried, among=among) if nested else choose(tried)
         if row is None or (picks and budget.latency_ms and "latency_measured_ms" not in row):
             break
         picks.append(row)
     if budget.latency_ms and picks:
-        rows = list(by_key.values())
-        predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
+        rows = [t for t in by_key.values() if not contained(t, picks + bases)]
+        predicted = latency.predict([_candidate(t) for t in rows])
         filling = [
             t for t, ms in zip(rows, predicted, strict=True) if ms >= FILLS * budget.latency_ms
         ]
@@ -143,12 +166,11 @@ def contenders(
         if row is not None and "latency_measured_ms" in row:
             picks.append(row)
     chosen = {_key(r) for r in picks}
-    for baseline in baselines:
-        row = by_key.get(baseline.key())
-        if row is not None and baseline.key() not in chosen:
-            estimate = float(latency.predict([baseline], measured=False)[0])
+    for row in bases:
+        if _key(row) not in chosen:
+            estimate = float(latency.predict([_candidate(row)], measured=False)[0])
             picks.append(row | {"latency_predicted_ms": estimate, "baseline": True})
-    return picks
+    return [row for row in picks if not contained(row, picks)]
 
 
 def tied_with(best: float, n_val: int) -> float:
@@ -222,7 +244,7 @@ def rechoose(trials: list[Trial], latency: Any, budget: Budget, tried: list[str]
     rows = evaluated(trials, tried)
     if not rows:
         return None
-    predicted = latency.predict([Candidate.from_dict(t["candidate"]) for t in rows])
+    predicted = latency.predict([_candidate(t) for t in rows])
     ok = []
     for row, ms in zip(rows, predicted, strict=True):
         costs = {k: row.get(k) for k in ("flops", "params", "size_bytes")}

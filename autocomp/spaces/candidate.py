@@ -74,6 +74,23 @@ class Candidate:
             raise AutocompError("not a valid candidate: expected a JSON object")
         return cls.from_dict(data)
 
+    def within(self, other: Candidate) -> bool:
+        """Whether this network is a subnet of ``other`` at no more bits: same space, and every
+        choice (resolution, depths, kernels, expansions, widths, keep ratios, bits) at most
+        ``other``'s for the same block or layer, whose blocks include all of this one's. Every
+        choice of a space is ordinal, a larger value holding more; a supernet's weights for
+        this network are part of ``other``'s."""
+        if self.space != other.space or self.resolution > other.resolution:
+            return False
+        return all(
+            all(name in theirs and value <= theirs[name] for name, value in mine.items())
+            for mine, theirs in (
+                (self.arch, other.arch),
+                (self.widths, other.widths),
+                (self.bits, other.bits),
+            )
+        )
+
     def key(self) -> str:
         """Stable identifier: sha1 of the canonical JSON (same across processes and runs)."""
         return hashlib.sha1(self.to_json().encode()).hexdigest()
