@@ -96,8 +96,8 @@ def main() -> int:
     bn_batches = calibration_batches(fit_part.x_train, seed=args.seed)
     val_split = (fit_part.x_test, fit_part.y_test)
     with api._torch_threads(1):
-        checkpoint = args.supernet or out / "supernet.pt"
-        net = api._supernet(space, fit_part, effort, args.seed, out, checkpoint, False)
+        given = api._given_supernet(args.supernet or out / "supernet.pt", space, args.seed)
+        net = api._supernet(space, fit_part, effort, args.seed, out, given, False)
         device = hardware.get_device("cpu")
         latency = SpaceLatency.fit(
             space,
