@@ -144,14 +144,14 @@ def contenders(
     picks: list[Trial] = []
 
     def contained(row: Trial, among: list[Trial]) -> bool:
+        if not nested:
+            return False
         candidate = _candidate(row)
-        return nested and any(
-            _key(o) != candidate.key() and candidate.within(_candidate(o)) for o in among
-        )
+        return any(_key(o) != candidate.key() and candidate.within(_candidate(o)) for o in among)
 
     while len(picks) < CONTENDERS:
         tried = [_key(r) for r in picks]
-        among = [t for t in trials if not contained(t, picks + bases)]
+        among = [t for t in by_key.values() if not contained(t, picks + bases)]
         row = choose(tried, among=among) if nested else choose(tried)
         if row is None or (picks and budget.latency_ms and "latency_measured_ms" not in row):
             break
