@@ -263,10 +263,12 @@ def search(
             )
         CostModel(space_obj, budget, latency.predict).check_achievable(rng)
 
+        screening = _screening_budget(run_dir, budget, latency.slack_)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "data": data,
             "budget": budget.terms(),
+            "screening_budget": screening.terms(),
             "device": dev.info.to_dict(),
             "space": space_obj.name,
             "space_source": space_obj.source,
@@ -288,7 +290,6 @@ def search(
         def measure_fn(candidate):
             return latency.measure(candidate)
 
-        screening = choice.screening(budget, latency.slack_)
         seed_log: list[dict[str, Any]] = []  # the uniform scalings measured to seed the search
         with clock("search"):
             seeds, baselines = seeding.search_seeds(space_obj, budget, screening, latency, seed_log)
@@ -890,6 +891,20 @@ def _version() -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _screening_budget(run_dir: Path, budget: Budget, slack: float) -> Budget:
+    """The budget the search screens with (:func:`choice.screening`). A resumed run keeps the
+    one it started with: the slack is re-measured as the latency cache grows, and its study
+    continues only the search it was created for."""
+    from autocomp.search import choice
+
+    started = run_dir / "config.json"  # only a resumed run's folder holds one (see _run_dir)
+    if started.exists():
+        terms = json.loads(started.read_text()).get("screening_budget")
+        if terms is not None:
+            return Budget(**terms)
+    return choice.screening(budget, slack)
 
 
 def _run_dir(out: str | Path | None, space: str, budget: Budget, resume: bool) -> Path:

@@ -1,11 +1,13 @@
 """`autocomp search` end to end on a tiny space: run folder, report, verification, exit codes."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from autocomp import api, cli
+from autocomp.search import choice
 from autocomp.spaces import Candidate
 from tests.tiny_spaces import TINY_MBV3, tiny_space
 
@@ -23,7 +25,7 @@ def tiny(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_search_end_to_end(tiny, tmp_path, capsys):
+def test_search_end_to_end(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     code = cli.main(
         ["search", "--budget", "50ms,5MB", "--space", str(tiny), "--out", str(run), "--json"]
@@ -69,6 +71,13 @@ def test_search_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["search", "--budget", "50ms", "--space", str(tiny), "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
+    # Resumed, it screens with the budget it started with, though the latency model's slack
+    # (re-measured as the latency cache grows) would now give another.
+    monkeypatch.setattr(choice, "screening", lambda budget, slack: replace(budget, latency_ms=99))
+    argv = ["search", "--budget", "50ms,5MB", "--space", str(tiny), "--out", str(run)]
+    assert cli.main([*argv, "--resume", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["search"]["screening_budget_ms"] == report["search"]["screening_budget_ms"]
     # Its supernet is refused to a search of another seed, whose validation images it trained on.
     other = tmp_path / "other"
     argv = ["search", "--budget", "50ms", "--space", str(tiny), "--out", str(other), "--seed", "1"]
