@@ -900,11 +900,15 @@ def _screening_budget(run_dir: Path, budget: Budget, slack: float) -> Budget:
     from autocomp.search import choice
 
     started = run_dir / "config.json"  # only a resumed run's folder holds one (see _run_dir)
-    if started.exists():
+    if not started.exists():
+        return choice.screening(budget, slack)
+    try:
         terms = json.loads(started.read_text()).get("screening_budget")
-        if terms is not None:
-            return Budget(**terms)
-    return choice.screening(budget, slack)
+        return choice.screening(budget, slack) if terms is None else Budget(**terms)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise AutocompError(
+            f"cannot resume the run in {run_dir}: its {started.name}: {err}"
+        ) from None
 
 
 def _run_dir(out: str | Path | None, space: str, budget: Budget, resume: bool) -> Path:

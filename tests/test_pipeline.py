@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from autocomp import api, cli
+from autocomp.budget import Budget
+from autocomp.errors import AutocompError
 from autocomp.search import choice
 from autocomp.spaces import Candidate
 from tests.tiny_spaces import TINY_MBV3, tiny_space
@@ -125,3 +127,18 @@ def test_candidates_are_measured_as_trained_networks_deploy(tmp_path):
     assert len(weights) == len(set(weights))
     convs = sum(n.op_type == "Conv" for n in graph.node)
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 2 * convs  # int8 throughout
+
+
+@pytest.mark.parametrize(
+    "config", ["{not json", '["a list"]', '{"screening_budget": {"latency": 2}}']
+)
+def test_resuming_from_a_damaged_config_is_refused_in_one_line(tmp_path, config):
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(AutocompError, match=r"^cannot resume the run in .*: its config\.json: "):
+        api._screening_budget(tmp_path, Budget(latency_ms=2.0), 0.1)
+
+
+def test_a_fresh_run_screens_with_the_widened_budget_and_a_resumed_one_with_its_own(tmp_path):
+    assert api._screening_budget(tmp_path, Budget(latency_ms=2.0), 0.1).latency_ms == 2.2
+    (tmp_path / "config.json").write_text('{"screening_budget": {"latency_ms": 2.18}}')
+    assert api._screening_budget(tmp_path, Budget(latency_ms=2.0), 0.5).latency_ms == 2.18
