@@ -20,7 +20,7 @@ export and on-device verification as the pipeline does. So the table isolates wh
 choice of architecture, per-layer widths and bits buys over a width multiplier.
 
     python experiments/make_hard_digits.py    # once
-    python experiments/search_vs_uniform.py [--budget 2ms] [--quick] [--supernet CKPT]
+    python experiments/search_vs_uniform.py [--budget 2ms] [--quick] [--supernet CKPT] [--trials N]
 
 ``--supernet`` shares a checkpoint trained with the same defaults on the same data (e.g. the one
 experiments/ranking_fidelity.py leaves in runs/ranking_fidelity/), as ``autocomp search
@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/search-vs-uniform"))
     parser.add_argument("--supernet", type=Path, help="a trained checkpoint to share (as search's)")
+    parser.add_argument("--trials", type=int, help="candidates the search evaluates (its default)")
     args = parser.parse_args()
     budget = Budget.parse(args.budget)
     if budget.latency_ms is None:
@@ -73,6 +74,7 @@ def main() -> int:
         seed=args.seed,
         progress=False,
         supernet=args.supernet,
+        trials=args.trials,
     )
     print(f"search: {time.perf_counter() - start:.0f} s (load at start {load:.1f})", flush=True)
     report = json.loads((out / "report.json").read_text())
