@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from paired_accuracy import mcnemar, right_answers
+
 from autocomp import api, data, hardware
 from autocomp.budget import Budget
 from autocomp.latency.space import SpaceLatency
@@ -169,9 +171,18 @@ def main() -> int:
     if len(rows) == 1:
         print("no uniform scaling meets the budget: nothing to compare (choose a looser budget)")
         return 1
-    best_uniform = max(m["accuracy"]["onnx"] for _, _, m in rows[1:])
-    margin = rows[0][2]["accuracy"]["onnx"] - best_uniform
+    best_uniform = max(rows[1:], key=lambda row: row[2]["accuracy"]["onnx"])
+    margin = rows[0][2]["accuracy"]["onnx"] - best_uniform[2]["accuracy"]["onnx"]
     print(f"searched - best uniform (ONNX test accuracy): {margin:+.2%}")
+    bits = best_uniform[0].split()[1].removesuffix("-bit")
+    only_searched, only_uniform, p = mcnemar(
+        right_answers(out / "model.onnx", dataset),
+        right_answers(out / f"uniform-{bits}bit" / "model.onnx", dataset),
+    )
+    print(
+        f"paired on the test images: right only by the searched {only_searched}, only by the "
+        f"{best_uniform[0]} {only_uniform}; exact McNemar p = {p:.4f}"
+    )
     return 0 if margin >= 0 else 1
 
 

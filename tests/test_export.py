@@ -15,7 +15,7 @@ from tiny_spaces import tiny_space
 from torch import nn
 
 from autocomp.errors import AutocompError
-from autocomp.quant.export import export_onnx, onnx_accuracy
+from autocomp.quant.export import export_onnx, onnx_accuracy, onnx_predictions
 from autocomp.quant.fake import act_qparams, set_quantization
 from autocomp.supernet.train import evaluate, view
 
@@ -224,6 +224,10 @@ def test_fixed_batch_model_is_fed_padded_batches(tmp_path, calibration):
     split = tuple(a[:10] for a in tt.splits()[2])
     set_quantization(model, False)
     assert onnx_accuracy(info.path, split, tt.RESOLUTION) == evaluate(model, split, tt.RESOLUTION)
+    with torch.no_grad():
+        torch_answers = model(view(torch.as_tensor(split[0]), tt.RESOLUTION)).argmax(1).numpy()
+    answers = onnx_predictions(info.path, split[0], tt.RESOLUTION)
+    assert answers.shape == (10,) and (answers == torch_answers).all()
 
 
 def test_model_file_is_valid_onnx(mixed):

@@ -129,9 +129,19 @@ def onnx_accuracy(
     """Top-1 accuracy of the ONNX model at ``path`` on ``(images, labels)``, run by ONNX Runtime.
 
     Images are resized to ``resolution`` exactly as torch evaluation does (``train.view``), so the
-    number compares with :func:`autocomp.supernet.train.evaluate`. A model with a fixed batch
-    size is fed batches of that size (the last one padded).
+    number compares with :func:`autocomp.supernet.train.evaluate`.
     """
+    images, labels = dataset_split
+    predicted = onnx_predictions(path, images, resolution, batch_size=batch_size)
+    return float((predicted == np.asarray(labels)).mean())
+
+
+def onnx_predictions(
+    path: str | Path, images: np.ndarray | Tensor, resolution: int, *, batch_size: int = 256
+) -> np.ndarray:
+    """The class ONNX Runtime predicts for each image (resized as :func:`onnx_accuracy` says):
+    per-image answers, for paired comparisons of two models on the same images. A model with a
+    fixed batch size is fed batches of that size (the last one padded)."""
     if not Path(path).is_file():
         raise AutocompError(f"ONNX model not found: {path}")
     options = ort.SessionOptions()
@@ -143,17 +153,15 @@ def onnx_accuracy(
     spec = session.get_inputs()[0]
     fixed = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
     step = fixed or batch_size
-    x, y = (torch.as_tensor(a) for a in dataset_split)
-    correct = 0
-    for xb, yb in zip(x.split(step), y.split(step), strict=True):
+    predicted = []
+    for xb in torch.as_tensor(images).split(step):
         feed = view(xb, resolution).contiguous().numpy()
         if fixed and len(feed) < fixed:
             feed = np.concatenate(
                 [feed, np.zeros((fixed - len(feed), *feed.shape[1:]), feed.dtype)]
             )
-        logits = session.run(None, {spec.name: feed})[0][: len(yb)]
-        correct += int((logits.argmax(1) == yb.numpy()).sum())
-    return correct / len(y)
+        predicted.append(session.run(None, {spec.name: feed})[0][: len(xb)].argmax(1))
+    return np.concatenate(predicted)
 
 
 # ----------------------------------------------------------------------------------- pieces
