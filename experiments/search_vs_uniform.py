@@ -117,7 +117,7 @@ def main() -> int:
         def evaluate_fn(candidate):
             return evaluate_subnet(net, candidate, bn_batches, val_split)
 
-        rows = [("searched", searched.metrics["candidate"], searched.metrics)]
+        rows = [("searched", searched.metrics["candidate"], searched.metrics, searched.onnx_path)]
         grids = {b: {c.key(): c for c in seeding.uniform_scalings(space, b)} for b in (32, 8)}
         chosen_key = Candidate.from_dict(searched.metrics["candidate"]).key()
         for bits, grid in grids.items():
@@ -158,11 +158,11 @@ def main() -> int:
                 "latency_ms": {"measured": verdict["measured"]},
                 "macs": space.cost(chosen).macs,
             }
-            rows.append((f"uniform {bits}-bit", chosen.to_dict(), metrics))
+            rows.append((f"uniform {bits}-bit", chosen.to_dict(), metrics, folder / "model.onnx"))
 
     print(f"\ndata {args.data}, budget {args.budget} on cpu (1 thread), test split")
     print(f"{'model':<15} {'res':>4} {'MMACs':>7} {'meas ms':>8} {'torch':>7} {'onnx':>7}")
-    for name, cand, m in rows:
+    for name, cand, m, _ in rows:
         print(
             f"{name:<15} {cand['resolution']:>4} {m['macs'] / 1e6:>7.2f} "
             f"{m['latency_ms']['measured']['median_ms']:>8.3f} {m['accuracy']['torch']:>7.2%} "
@@ -174,10 +174,8 @@ def main() -> int:
     best_uniform = max(rows[1:], key=lambda row: row[2]["accuracy"]["onnx"])
     margin = rows[0][2]["accuracy"]["onnx"] - best_uniform[2]["accuracy"]["onnx"]
     print(f"searched - best uniform (ONNX test accuracy): {margin:+.2%}")
-    bits = best_uniform[0].split()[1].removesuffix("-bit")
     only_searched, only_uniform, p = mcnemar(
-        right_answers(out / "model.onnx", dataset),
-        right_answers(out / f"uniform-{bits}bit" / "model.onnx", dataset),
+        right_answers(rows[0][3], dataset), right_answers(best_uniform[3], dataset)
     )
     print(
         f"paired on the test images: right only by the searched {only_searched}, only by the "
