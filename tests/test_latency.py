@@ -171,6 +171,30 @@ def test_times_of_another_session_join_by_run_order():
     assert join_times(kernels, other, {"conv": 1.0, "ro": 0.5}) == {"conv": 1.0, "ro": 0.5}
 
 
+def test_features_give_the_matrix_product_each_group_runs():
+    """A grouped convolution is several thin products (M = a group's output channels, N = output
+    pixels, K = a group's inputs per output); a Gemm is one (M = outputs, N = rows, K = inputs)."""
+    conv = Kernel(
+        "g",
+        "Conv",
+        "",
+        (Tensor("float", (1, 64, 32, 32)), Tensor("float", (88, 8, 7, 7))),
+        (Tensor("float", (1, 88, 16, 16)),),
+        {"group": 8, "kernel_shape": [7, 7], "strides": [2, 2]},
+    )
+    gemm = Kernel(
+        "fc",
+        "Gemm",
+        "",
+        (Tensor("float", (4, 256)), Tensor("float", (10, 256))),
+        (Tensor("float", (4, 10)),),
+    )
+    columns = [FEATURE_NAMES.index(f"log_gemm_{d}") for d in "mnk"]
+    shapes = 2 ** feature_matrix([conv, gemm])[:, columns] - 1
+    np.testing.assert_allclose(shapes, [[11, 16 * 16, 8 * 7 * 7], [10, 4, 256]])
+    assert feature_matrix([conv])[0, MACS] == 8 * 11 * 256 * 8 * 49
+
+
 QUICK = Timing(warmup_runs=1, warmup_s=0, min_runs=3, min_s=0)
 
 

@@ -45,7 +45,7 @@ from autocomp.latency.kernels import (
 )
 
 FORMAT = "autocomp-latency-predictor"
-FORMAT_VERSION = 4  # 4: the kernel regressors see the thread count
+FORMAT_VERSION = 5  # 5: kernel features carry the matrix-product shape (M, N, K)
 FALLBACK = "*"  # the regressor for kernel types seen too rarely (or never) in training
 _MACS = FEATURE_NAMES.index("macs")
 _INT8_IN = FEATURE_NAMES.index("int8_in")
