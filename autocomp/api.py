@@ -655,9 +655,7 @@ def compress(
             ]
         with clock("arbitration"):
             contenders = choice.contenders(choose, rows, baselines, lat, budget)
-            first, arbitration = choice.arbitrate(
-                contenders, finetune, len(val_split[1]), prefer="loss"
-            )
+            first, arbitration = choice.arbitrate(contenders, finetune, len(val_split[1]))
         tuned_model, candidate, rounds = _verify_rounds(
             first or found.best_metrics, choose, lat, budget, clock, finetune, verify
         )
@@ -1021,7 +1019,7 @@ def _finetune(space, net, candidate, fit_part, bn_batches, evaluate_fn, effort, 
     """Extract the candidate with its inherited weights; finetune it with KD from the largest."""
     from autocomp.finetune import FinetuneConfig, finetune
     from autocomp.supernet.bn import recalibrate_bn
-    from autocomp.supernet.train import view
+    from autocomp.supernet.train import cross_entropy, view
 
     inherited = evaluate_fn(candidate)  # activates it, recalibrates BN and quantizer ranges
     student = space.build(candidate, supernet=net)
@@ -1032,17 +1030,22 @@ def _finetune(space, net, candidate, fit_part, bn_batches, evaluate_fn, effort, 
     config = FinetuneConfig(
         epochs=effort.finetune_epochs, qat_epochs=min(2, effort.finetune_epochs), seed=seed
     )
+    val = (fit_part.x_test, fit_part.y_test)
     report = finetune(
         student,
         net,
         (fit_part.x_train, fit_part.y_train),
-        (fit_part.x_test, fit_part.y_test),
+        val,
         config,
         resolution=candidate.resolution,
         teacher_resolution=largest.resolution,
         progress=progress,
     )
-    return student, {"inherited_val_accuracy": inherited, **report.to_dict()}
+    return student, {
+        "inherited_val_accuracy": inherited,
+        **report.to_dict(),
+        "val_loss": cross_entropy(student, val, candidate.resolution),  # arbitrate's tie rule
+    }
 
 
 def _once_per_candidate(finetune: Callable[[Any, Any], T]) -> Callable[[Any, Any], T]:

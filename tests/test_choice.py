@@ -198,44 +198,31 @@ def test_contenders_are_the_measured_best_and_the_baselines_and_the_finetune_dec
     assert latency.measured == [a.key(), b.key(), c.key(), d.key()]
     # The finetune decides: the baseline wins on validation after it.
     after = {a.key(): 0.91, c.key(): 0.93, d.key(): 0.92, base.key(): 0.95}
+    loss = {a.key(): 0.1, c.key(): 0.5, d.key(): 0.2, base.key(): 0.4}
     tuned = []
 
     def finetune(candidate, record):
         tuned.append(candidate.key())
-        return None, {"val_accuracy": after[candidate.key()]}
+        key = candidate.key()
+        return None, {"val_accuracy": after[key], "val_loss": loss[key]}
 
     chosen, table = choice.arbitrate(contenders, finetune, EXACT)
     assert chosen["number"] == 5 and tuned == [a.key(), c.key(), d.key(), base.key()]
     assert [row.get("chosen", False) for row in table] == [False, False, False, True]
     assert [row["finetuned_val_accuracy"] for row in table] == [0.91, 0.93, 0.92, 0.95]
-    # Equals: the ranking's order decides.
-    after = dict.fromkeys(after, 0.9)
-    assert choice.arbitrate(contenders, finetune, EXACT)[0]["number"] == 0
+    assert [row["finetuned_val_loss"] for row in table] == [0.1, 0.5, 0.2, 0.4]
     assert choice.arbitrate([], finetune, EXACT) == (None, [])
     # On 100 validation images (standard error 0.022 at 0.95), 0.93 is tied with 0.95 and 0.92
-    # is not: the larger of the tied two wins.
-    after = {a.key(): 0.91, c.key(): 0.93, d.key(): 0.92, base.key(): 0.95}
+    # is not: the surer of the tied two (lower cross-entropy) wins, whatever its MACs.
     for row, macs in zip(contenders, [1, 5, 9, 4], strict=True):
         row["macs"] = macs
+    assert choice.arbitrate(contenders, finetune, 100)[0]["number"] == 5
+    loss[c.key()] = 0.3
     assert choice.arbitrate(contenders, finetune, 100)[0]["number"] == 2
     assert choice.arbitrate(contenders, finetune, EXACT)[0]["number"] == 5
-    # compress reads the tie by validation cross-entropy instead: the surer of the tied two.
-    loss = {a.key(): 0.1, c.key(): 0.5, d.key(): 0.2, base.key(): 0.4}
-
-    def finetune(candidate, record):
-        key = candidate.key()
-        return None, {"val_accuracy": after[key], "val_loss": loss[key]}
-
-    chosen, table = choice.arbitrate(contenders, finetune, 100, prefer="loss")
-    assert chosen["number"] == 5 and [r["finetuned_val_loss"] for r in table] == [
-        0.1,
-        0.5,
-        0.2,
-        0.4,
-    ]
-    loss[c.key()] = 0.3
-    assert choice.arbitrate(contenders, finetune, 100, prefer="loss")[0]["number"] == 2
-    assert choice.arbitrate(contenders, finetune, EXACT, prefer="loss")[0]["number"] == 5
+    # Equal accuracies and losses: the ranking's order decides.
+    after, loss = dict.fromkeys(after, 0.9), dict.fromkeys(loss, 0.3)
+    assert choice.arbitrate(contenders, finetune, EXACT)[0]["number"] == 0
 
 
 def test_a_subnet_of_a_contender_at_no_more_bits_is_not_finetuned(tmp_path):
