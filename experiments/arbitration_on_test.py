@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from search_vs_uniform import pipeline
 
-from autocomp import api, data
+from autocomp import api
 from autocomp.search.choice import tied_with
 from autocomp.spaces import Candidate
-from autocomp.supernet.train import calibration_batches, evaluate, evaluate_subnet
+from autocomp.supernet.train import evaluate
 
 RULES = {
     "lowest val loss in the band (autocomp)": lambda row: row["val_loss"],
@@ -42,37 +43,20 @@ def contenders_on_test(run: Path, supernet: Path | None) -> list[dict]:
     """Every arbitration contender of ``run`` finetuned again, with val and test scores."""
     report = json.loads((run / "report.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    seed = config["seed"]
-    dataset = data.load(config["data"])
-    space = api.space_for(config["space"], dataset)
-    effort = api.Effort.of(config["quick"])
-    fit_part = dataset.validation_split(0.2, seed=seed)
-    bn_batches = calibration_batches(fit_part.x_train, seed=seed)
-    val = (fit_part.x_test, fit_part.y_test)
-    test = (dataset.x_test, dataset.y_test)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{run / 'study.db'}")
     trials = {t.number: t for t in study.trials}
     rows = []
     with api._torch_threads(1):
-        given = api._given_supernet(supernet or run / "supernet.pt", space, seed)
-        net = api._supernet(space, fit_part, effort, seed, run, given, False)
+        context = pipeline(
+            config["data"], config["space"], config["seed"], config["quick"], run, supernet
+        )
+        test = (context.dataset.x_test, context.dataset.y_test)
         for entry in report["arbitration"]:
             candidate = Candidate.from_dict(
                 json.loads(trials[entry["number"]].user_attrs["candidate"])
             )
-            model, tuned = api._finetune(
-                space,
-                net,
-                candidate,
-                fit_part,
-                bn_batches,
-                lambda c: evaluate_subnet(net, c, bn_batches, val),
-                effort,
-                seed,
-                False,
-            )
-            model.eval()
+            model, tuned = context.finetune(candidate)
             rows.append(
                 {
                     "number": entry["number"],
@@ -85,9 +69,9 @@ def contenders_on_test(run: Path, supernet: Path | None) -> list[dict]:
                     "test_accuracy": evaluate(model, test, candidate.resolution),
                 }
             )
-    band = tied_with(max(r["val_accuracy"] for r in rows), len(val[1]))
+    band = tied_with(max(r["val_accuracy"] for r in rows), len(context.fit_part.y_test))
+    tied = [r for r in rows if r["val_accuracy"] >= band]
     for name, key in RULES.items():
-        tied = [r for r in rows if r["val_accuracy"] >= band]
         min(tied, key=key).setdefault("rules", []).append(name)
     return rows
 

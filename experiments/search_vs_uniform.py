@@ -35,7 +35,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from paired_accuracy import mcnemar, right_answers
 
@@ -47,6 +49,49 @@ from autocomp.spaces import Candidate
 from autocomp.supernet.train import calibration_batches, evaluate_subnet
 
 DATA = "npz:experiments/data/digits_hard.npz"
+
+
+@dataclass
+class Pipeline:
+    """The context ``api.search`` built for a run: data, space, split, BN batches, supernet."""
+
+    dataset: Any
+    space: Any
+    effort: api.Effort
+    fit_part: Any
+    bn_batches: list
+    net: Any
+    seed: int
+
+    def finetune(self, candidate: Candidate) -> tuple[Any, dict[str, Any]]:
+        """The candidate finetuned as the pipeline finetunes it (``api._finetune``)."""
+        val = (self.fit_part.x_test, self.fit_part.y_test)
+        return api._finetune(
+            self.space,
+            self.net,
+            candidate,
+            self.fit_part,
+            self.bn_batches,
+            lambda c: evaluate_subnet(self.net, c, self.bn_batches, val),
+            self.effort,
+            self.seed,
+            False,
+        )
+
+
+def pipeline(
+    data_spec: str, space: str, seed: int, quick: bool, run: Path, supernet: Path | None
+) -> Pipeline:
+    """Rebuild the search's context for the run folder ``run`` (its supernet, or ``supernet``
+    where the run shared one); call under ``api._torch_threads`` as the pipeline does."""
+    dataset = data.load(data_spec)
+    space_obj = api.space_for(space, dataset)
+    effort = api.Effort.of(quick)
+    fit_part = dataset.validation_split(0.2, seed=seed)
+    bn_batches = calibration_batches(fit_part.x_train, seed=seed)
+    given = api._given_supernet(supernet or run / "supernet.pt", space_obj, seed)
+    net = api._supernet(space_obj, fit_part, effort, seed, run, given, False)
+    return Pipeline(dataset, space_obj, effort, fit_part, bn_batches, net, seed)
 
 
 def main() -> int:
@@ -93,15 +138,9 @@ def main() -> int:
         )
 
     # The same context the pipeline built: data split, BN batches, supernet, latency model.
-    dataset = data.load(args.data)
-    space = api.space_for("mbv3", dataset)
-    effort = api.Effort.of(args.quick)
-    fit_part = dataset.validation_split(0.2, seed=args.seed)
-    bn_batches = calibration_batches(fit_part.x_train, seed=args.seed)
-    val_split = (fit_part.x_test, fit_part.y_test)
     with api._torch_threads(1):
-        given = api._given_supernet(args.supernet or out / "supernet.pt", space, args.seed)
-        net = api._supernet(space, fit_part, effort, args.seed, out, given, False)
+        context = pipeline(args.data, "mbv3", args.seed, args.quick, out, args.supernet)
+        dataset, space, bn_batches = context.dataset, context.space, context.bn_batches
         device = hardware.get_device("cpu")
         latency = SpaceLatency.fit(
             space,
@@ -109,13 +148,10 @@ def main() -> int:
                 "cpu", timing=hardware.Timing(warmup_s=0.2, min_runs=20, sessions=1)
             ),
             api._to_onnx(space, bn_batches),
-            effort.latency_samples,
+            context.effort.latency_samples,
             seed=args.seed,
             progress=False,
         )
-
-        def evaluate_fn(candidate):
-            return evaluate_subnet(net, candidate, bn_batches, val_split)
 
         rows = [("searched", searched.metrics["candidate"], searched.metrics, searched.onnx_path)]
         grids = {b: {c.key(): c for c in seeding.uniform_scalings(space, b)} for b in (32, 8)}
@@ -128,9 +164,7 @@ def main() -> int:
             for chosen in grids[bits].values():  # widest first, each measured
                 if latency.measure(chosen) > budget.latency_ms:
                     continue
-                model, _ = api._finetune(
-                    space, net, chosen, fit_part, bn_batches, evaluate_fn, effort, args.seed, False
-                )
+                model, _ = context.finetune(chosen)
                 folder = out / f"uniform-{bits}bit"
                 verdict = api._export_and_verify(
                     model,

@@ -313,8 +313,8 @@ def features(k: Kernel) -> np.ndarray:
             groups = max(1, c_in // max(1, weight.shape[1]))
         kh, kw = (k.attrs.get("kernel_shape") or [kh, kw])[:2]
         groups = int(k.attrs.get("group", groups))
-        macs = n * c_out * h_out * w_out * (c_in // max(groups, 1)) * kh * kw
         gemm = (c_out // max(groups, 1), h_out * w_out, c_in // max(groups, 1) * kh * kw)
+        macs = n * c_out * h_out * w_out * gemm[2]
     elif k.op in _GEMM_OPS:
         weight = next((t for t in k.inputs[1:] if len(t.shape) == 2), None)
         inner = x.shape[-1] if x.shape else 1
