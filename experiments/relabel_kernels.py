@@ -36,8 +36,8 @@ def main() -> None:
     done = {r["id"] for r in read_records(args.out)} if args.out.exists() else set()
     todo = [r for r in read_records(args.data) if r["id"] not in done]
     for record in tqdm(todo, desc="relabelling", unit="model"):
-        seed, index = (int(x) for x in record["id"].removeprefix("gen-").split("-"))
-        sample = generate(seed, index, batch=record["input_shape"][0])
+        origin = record["source"]["generator"]  # the stream and index that rebuild the model
+        sample = generate(origin["seed"], origin["index"], batch=record["input_shape"][0])
         threads = record["device"]["threads"]
         benches = [
             benchmark_kernels(sample.onnx_model, sample.input_shape, threads=threads)
