@@ -84,7 +84,7 @@ from autocomp.latency.kernels import (
     Kernel,
     extract_kernels,
     feature_matrix,
-    join_times,
+    match_times,
 )
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import benchmark_kernels
@@ -206,11 +206,11 @@ class HeldOut:
     ) -> list[np.ndarray]:
         """Each model's micro-benchmarked kernel times (ms, in kernel order; ``records`` and
         ``models`` as :meth:`records` and ``kernel_inputs`` give them), benchmarking the models
-        not yet in ``<name>.micro.jsonl`` (or there without the benchmark's run order, which
-        joins its node names to the record's: ``join_times``)."""
+        not yet in ``<name>.micro.jsonl`` (or there without the benchmark's own kernels, which
+        join its times to the record's kernels: ``match_times``)."""
         path = self.models_path.with_suffix(".micro.jsonl")
         lines = path.read_text().splitlines() if path.is_file() else []
-        done = {r["id"]: r for r in map(json.loads, filter(None, lines)) if "ran" in r}
+        done = {r["id"]: r for r in map(json.loads, filter(None, lines)) if "kernels" in r}
         out = []
         for r, kernels in zip(records, models, strict=True):
             if r["id"] not in done:
@@ -219,12 +219,13 @@ class HeldOut:
                 line = {
                     "id": r["id"],
                     "kernel_times_ms": times,
-                    "ran": [[k.name, k.op] for k in ran],
+                    "kernels": [k.to_dict() for k in ran],
                 }
                 append_record(path, line)
                 done[r["id"]] = line
             micro = done[r["id"]]
-            times = join_times(kernels, [tuple(x) for x in micro["ran"]], micro["kernel_times_ms"])
+            ran = [Kernel.from_dict(k) for k in micro["kernels"]]
+            times = match_times(kernels, ran, micro["kernel_times_ms"])
             out.append(np.asarray([times.get(k.name, 0.0) for k in kernels]))
         return out
 

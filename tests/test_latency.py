@@ -19,7 +19,13 @@ from autocomp.errors import AutocompError
 from autocomp.hardware import DeviceInfo, Measurement, Timing, get_device
 from autocomp.latency import dataset as dataset_module
 from autocomp.latency import generator, store
-from autocomp.latency.dataset import append_record, kernel_inputs, measure_generated, read_records
+from autocomp.latency.dataset import (
+    append_record,
+    fastest_kernel_times,
+    kernel_inputs,
+    measure_generated,
+    read_records,
+)
 from autocomp.latency.fit import cross_validated
 from autocomp.latency.forest import Forest
 from autocomp.latency.kernels import (
@@ -29,6 +35,7 @@ from autocomp.latency.kernels import (
     extract_kernels,
     feature_matrix,
     join_times,
+    match_times,
 )
 from autocomp.latency.metrics import latency_metrics
 from autocomp.latency.microbench import BenchTiming, benchmark_kernels
@@ -169,6 +176,41 @@ def test_times_of_another_session_join_by_run_order():
     # Another sequence of ops (another build optimised the graph differently): by name.
     other = [("conv", "Conv"), ("ro", "ReorderOutput")]
     assert join_times(kernels, other, {"conv": 1.0, "ro": 0.5}) == {"conv": 1.0, "ro": 0.5}
+
+
+def test_kernel_times_of_two_sessions_pair_the_same_computations():
+    """A second session may rename the nodes ORT inserts *and* run parallel branches in the
+    other order: the fastest time of each kernel must come from the same computation."""
+
+    def conv(name: str, k: int) -> Kernel:
+        x, y = Tensor("float", (1, 8, 16, 16)), Tensor("float", (1, 8, 8, 8))
+        w = Tensor("float", (8, 8, k, k))
+        return Kernel(name, "Conv", "", (x, w), (y,), {"kernel_shape": [k, k], "strides": [2, 2]})
+
+    def reorder(name: str, size: int) -> Kernel:
+        return Kernel(
+            name,
+            "ReorderOutput",
+            "com.microsoft.nchwc",
+            (Tensor("float", (1, size)),),
+            (Tensor("float", (1, size)),),
+        )
+
+    first = [conv("body", 3), conv("shortcut", 1), reorder("ro", 8), reorder("ro_token_1", 800)]
+    second = [conv("shortcut", 1), conv("body", 3), reorder("ro_token_2", 8), reorder("ro", 800)]
+    t1 = {"body": 2.0, "shortcut": 0.30, "ro": 0.010, "ro_token_1": 0.50}
+    t2 = {"shortcut": 0.25, "body": 2.2, "ro_token_2": 0.012, "ro": 0.40}
+    assert match_times(first, second, t2) == {
+        "body": 2.2,
+        "shortcut": 0.25,
+        "ro": 0.012,
+        "ro_token_1": 0.40,
+    }
+    kernels, best = fastest_kernel_times([(first, t1), (second, t2)])
+    assert kernels == first
+    assert best == {"body": 2.0, "shortcut": 0.25, "ro": 0.010, "ro_token_1": 0.40}
+    # A kernel the other session did not run keeps its own time.
+    assert fastest_kernel_times([(first, t1), (second[:2], t2)])[1]["ro_token_1"] == 0.50
 
 
 def test_features_give_the_matrix_product_each_group_runs():

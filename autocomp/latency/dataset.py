@@ -32,7 +32,7 @@ from autocomp.hardware import Timing, load_onnx, static_input_shape
 from autocomp.hardware.base import Device, Measurement, OnnxModel
 from autocomp.hardware.ort_device import OrtDevice
 from autocomp.latency.generator import generate, sample_id
-from autocomp.latency.kernels import Kernel, extract_kernels, join_times
+from autocomp.latency.kernels import Kernel, extract_kernels, join_times, match_times
 from autocomp.latency.microbench import benchmark_kernels
 
 T = TypeVar("T")
@@ -143,14 +143,14 @@ def fastest_kernel_times(
     benches: list[tuple[list[Kernel], dict[str, float]]],
 ) -> tuple[list[Kernel], dict[str, float]]:
     """The first benchmark's kernels, each with its fastest time over all benchmarks. Kernels
-    are matched by run order, not name: ORT may name the nodes it inserts differently in another
-    session (see :func:`~autocomp.latency.kernels.join_times`)."""
+    are matched by what they compute, not by name or run order, which may change between
+    sessions (see :func:`~autocomp.latency.kernels.match_times`)."""
     kernels, times = benches[0]
-    best = [times[k.name] for k in kernels]
+    best = dict(times)
     for other, other_times in benches[1:]:
-        if [k.op for k in other] == [k.op for k in kernels]:
-            best = [min(b, other_times[k.name]) for b, k in zip(best, other, strict=True)]
-    return kernels, {k.name: t for k, t in zip(kernels, best, strict=True)}
+        for name, t in match_times(kernels, other, other_times).items():
+            best[name] = min(best[name], t)
+    return kernels, best
 
 
 def _profiled_record(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -192,6 +193,36 @@ def join_times(
         pairs = zip((k.name for k in kernels), (name for name, _ in ran), strict=True)
         return {mine: times[theirs] for mine, theirs in pairs if theirs in times}
     return dict(times)
+
+
+def match_times(
+    kernels: Sequence[Kernel], other: Sequence[Kernel], times: Mapping[str, float]
+) -> dict[str, float]:
+    """``times`` of ``other`` (another session's kernels of the same model, by its node names)
+    keyed by the names of ``kernels``, each kernel paired with the next one of ``other`` that
+    runs the same computation (op, tensors, attributes).
+
+    Neither names nor run order survive a new session: besides renaming the nodes it inserts,
+    ORT may run two parallel branches in the other order, or optimise a few nodes differently
+    (11 of 60 generated models ran another sequence of ops in a second session of one process).
+    A join by position then pairs a 1x1 shortcut convolution with its branch's 3x3 one; a join by
+    computation cannot, and kernels with the same computation take the same time.
+    """
+    waiting: dict[tuple, deque[Kernel]] = defaultdict(deque)
+    for k in other:
+        waiting[_computation(k)].append(k)
+    out = {}
+    for k in kernels:
+        queue = waiting[_computation(k)]
+        theirs = queue.popleft().name if queue else None
+        if theirs in times:
+            out[k.name] = float(times[theirs])
+    return out
+
+
+def _computation(k: Kernel) -> tuple:
+    """What a kernel computes, without its node name: equal for the same node in two sessions."""
+    return k.op, k.domain, k.inputs, k.outputs, json.dumps(k.attrs, sort_keys=True, default=str)
 
 
 def _tensors(entries: Any) -> tuple[Tensor, ...]:
