@@ -187,7 +187,10 @@ def join_times(
     between sessions, even in one process: two extractions of one model can swap the names of
     two NCHWc ``ReorderOutput`` nodes of different sizes, and a join by name then gives each the
     other's time. Where both sessions ran the same sequence of ops, times join by position;
-    otherwise (another build or CPU optimised the graph differently) by name.
+    otherwise (another build or CPU optimised the graph differently) by name. It serves profiles,
+    which give each node's op but not its tensors, so a position can still pair two parallel
+    branches that ran in the other order; where the other session's kernels are known,
+    :func:`match_times` joins them by what they compute.
     """
     if [op for _, op in ran] == [k.op for k in kernels]:
         pairs = zip((k.name for k in kernels), (name for name, _ in ran), strict=True)
